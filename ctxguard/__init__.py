@@ -1,0 +1,45 @@
+"""ctxguard: see, and stop, Flask application/request context bugs in production.
+
+Two lines set it up::
+
+    from ctxguard import CtxGuard
+    CtxGuard(app)
+
+It keeps a per-worker ledger of context pushes and pops, reports contexts
+that leak or go stale on a pooled worker as OpenTelemetry spans and metrics
+with the line that pushed them, and enforces a production policy (no context
+kept alive past its request, no debugger).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .extension import CtxGuard
+from .ledger import snapshot as _snapshot
+from .middleware import CtxGuardMiddleware
+from .policy import PolicyError
+from .process import install, uninstall
+from .settings import ConfigError
+from .telemetry import VERSION as __version__
+
+__all__ = [
+    "ConfigError",
+    "CtxGuard",
+    "CtxGuardMiddleware",
+    "PolicyError",
+    "__version__",
+    "install",
+    "snapshot",
+    "uninstall",
+]
+
+
+def snapshot() -> dict[str, Any]:
+    """A JSON-serialisable view of every worker's open contexts in this process.
+
+    Each context has its kind, push site (file, line, function), age in
+    seconds and the request it was pushed in (method, route template,
+    endpoint), and whether it was reported as leaked.
+    """
+    return _snapshot()

@@ -1,0 +1,173 @@
+"""Finding the user's line of code on the stack, cheaply.
+
+A site is ``(code, lasti)``: the code object and instruction offset of the
+first frame that is not Flask's, Werkzeug's, ctxguard's or a known
+extension's. Keeping the code object keeps no locals alive (unlike a frame or
+a traceback), and the line number is worked out from the offset only when
+the site is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from collections.abc import Iterable
+from types import CodeType
+from typing import NamedTuple
+
+Site = tuple[CodeType, int]
+
+_getframe = sys._getframe
+
+#: Packages whose frames are never the user's code.
+LIBRARY_PACKAGES = (
+    "ctxguard",
+    "flask",
+    "werkzeug",
+    "flask_sqlalchemy",
+    "flask_login",
+    "flask_wtf",
+    "flask_caching",
+    "flask_babel",
+    "flask_restful",
+    "flask_restx",
+    "flask_smorest",
+    "flask_migrate",
+    "sqlalchemy",
+    "asgiref",
+    "blinker",
+    "opentelemetry",
+    "sentry_sdk",
+)
+#: Frames where the search gives up: the server or the interpreter is calling.
+INFRASTRUCTURE_PACKAGES = ("gunicorn", "waitress", "gevent", "eventlet", "uwsgi", "celery")
+
+_LIBRARY = 1
+_INFRASTRUCTURE = 2
+_USER = 0
+
+# Keyed by id(code): hashing a code object is slow. The entry keeps the code
+# object alive, so its id cannot be reused while it is cached.
+_kinds: dict[int, tuple[CodeType, int]] = {}
+_library_dirs: tuple[str, ...] = ()
+_infrastructure_dirs: tuple[str, ...] = ()
+#: The standard library's directories; their site-packages is not the stdlib.
+_stdlib: tuple[str, ...] = ()
+_ctxguard_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _package_dirs(names: Iterable[str]) -> tuple[str, ...]:
+    dirs = []
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                import importlib.util
+
+                spec = importlib.util.find_spec(name)
+            except Exception:
+                spec = None
+            locations = list(spec.submodule_search_locations or []) if spec else []
+        else:
+            locations = list(getattr(module, "__path__", []) or [])
+        dirs.extend(os.path.abspath(loc) + os.sep for loc in locations)
+    return tuple(dirs)
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    dirs = set()
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(os.path.abspath(path) + os.sep)
+    return tuple(dirs)
+
+
+def refresh() -> None:
+    """Work out the library directories again (after new packages were imported)."""
+    global _library_dirs, _infrastructure_dirs, _stdlib
+    _library_dirs = _package_dirs(LIBRARY_PACKAGES)
+    _infrastructure_dirs = _package_dirs(INFRASTRUCTURE_PACKAGES)
+    _stdlib = _stdlib_dirs()
+    _kinds.clear()
+
+
+def _is_stdlib(path: str) -> bool:
+    for prefix in _stdlib:
+        if path.startswith(prefix):
+            return not path[len(prefix) :].startswith(("site-packages", "dist-packages"))
+    return False
+
+
+def _classify(code: CodeType) -> int:
+    filename = code.co_filename
+    if filename.startswith("<"):
+        kind = _INFRASTRUCTURE if filename.startswith("<frozen") else _USER
+    else:
+        path = os.path.abspath(filename)
+        if path.startswith(_library_dirs):
+            kind = _LIBRARY
+        elif path.startswith(_infrastructure_dirs) or _is_stdlib(path):
+            kind = _INFRASTRUCTURE
+        else:
+            kind = _USER
+    if len(_kinds) > 50_000:
+        _kinds.clear()
+    _kinds[id(code)] = (code, kind)
+    return kind
+
+
+def user_site(depth: int = 2, limit: int = 16) -> Site | None:
+    """The caller's site, skipping library frames.
+
+    ``depth`` counts from the caller of this function. When no user frame is
+    found before the server or the interpreter, the first frame that is not
+    ctxguard's is returned instead (for example Flask's own
+    ``stream_with_context`` generator), so a site is never lost.
+    """
+    try:
+        frame = _getframe(depth)
+    except ValueError:
+        return None
+    fallback = None
+    kinds = _kinds
+    while frame is not None and limit:
+        code = frame.f_code
+        entry = kinds.get(id(code))
+        kind = _classify(code) if entry is None else entry[1]
+        if kind == _USER:
+            return code, frame.f_lasti
+        if fallback is None and not code.co_filename.startswith(_ctxguard_dir):
+            fallback = (code, frame.f_lasti)
+        if kind == _INFRASTRUCTURE:
+            break
+        frame = frame.f_back
+        limit -= 1
+    return fallback
+
+
+class Location(NamedTuple):
+    """A site as people read it."""
+
+    file: str
+    line: int
+    function: str
+
+
+def describe(site: Site | None) -> Location | None:
+    """Turn a site into file, line and function (slow: only when reporting)."""
+    if site is None:
+        return None
+    code, lasti = site
+    line = code.co_firstlineno
+    for start, end, lineno in code.co_lines():
+        if start <= lasti < end and lineno is not None:
+            line = lineno
+            break
+    return Location(
+        code.co_filename, line, code.co_qualname if hasattr(code, "co_qualname") else code.co_name
+    )
+
+
+refresh()

@@ -1,0 +1,528 @@
+"""The per-worker ledger of open Flask contexts.
+
+Wraps ``AppContext.push/pop`` and ``RequestContext.push/pop``. For every
+worker (a thread, or a greenlet when gevent patched ``threading.local``) it
+keeps the contexts pushed and not yet popped: their kind, the user's line
+that pushed them, when, and the request they were pushed in. It counts
+pushes and pops by outcome (``ok``, ``wrong_context``, ``cross_worker``).
+
+The push and pop hooks run on every request, so they touch only lists and
+integers owned by the current worker. Everything that walks, reports or
+reconciles runs only when something is wrong.
+
+A record is a small list (cheaper to build than an object on this path),
+read and changed only through the functions of this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from . import frames, telemetry
+from .frames import Site
+
+# Record fields.
+_CTX = 0  # the context, or a weak reference to it once it can never be popped
+_KIND = 1
+_SITE = 2
+_PUSHED_AT = 3
+_REQUEST = 4
+_REPORTED = 5  # the leak was reported (once per context)
+
+# Counter slots of a worker.
+_PUSH = {telemetry.KIND_APP: 0, telemetry.KIND_REQUEST: 1}
+_POP = {
+    (kind, outcome): index
+    for index, (kind, outcome) in enumerate(
+        itertools.product(
+            (telemetry.KIND_APP, telemetry.KIND_REQUEST),
+            (telemetry.OUTCOME_OK, telemetry.OUTCOME_WRONG, telemetry.OUTCOME_CROSS),
+        ),
+        start=2,
+    )
+}
+_SLOTS = 2 + len(_POP)
+
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+
+
+class RequestInfo:
+    """The request a context was pushed in: only what may appear in telemetry.
+
+    ``rule`` is Flask's matched URL rule, filled in when the request's own
+    context is pushed; the raw path is never kept.
+    """
+
+    __slots__ = ("method", "rule")
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.rule: Any = None
+
+    @property
+    def http_method(self) -> str | None:
+        method = self.method
+        if not isinstance(method, str):
+            return None
+        return method if method in _METHODS else "_OTHER"
+
+    @property
+    def route(self) -> str | None:
+        rule = getattr(self.rule, "rule", None)
+        return rule if isinstance(rule, str) else None
+
+    @property
+    def endpoint(self) -> str | None:
+        endpoint = getattr(self.rule, "endpoint", None)
+        return endpoint if isinstance(endpoint, str) else None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"method": self.http_method, "route": self.route, "endpoint": self.endpoint}
+
+
+class Worker:
+    """One worker's open contexts and counters.
+
+    ``request`` is the request this worker is running code for right now
+    (set by the middleware), so pushes can be attributed to it.
+    """
+
+    __slots__ = ("__weakref__", "counts", "ident", "name", "open", "request", "serial")
+
+    def __init__(self, serial: int) -> None:
+        thread = threading.current_thread()
+        self.open: list[list[Any]] = []
+        self.counts = [0] * _SLOTS
+        self.request: RequestInfo | None = None
+        self.ident = threading.get_ident()
+        self.name = thread.name
+        self.serial = serial
+
+
+# Live workers by serial number, with their counters; the counters of workers
+# whose thread has ended are folded into ``_retired`` at collection time.
+_workers: dict[int, tuple[weakref.ref[Worker], list[int]]] = {}
+_retired = [0] * _SLOTS
+_registry_lock = threading.Lock()
+_serials = itertools.count(1)
+_local: Any = threading.local()
+
+
+def _new_worker() -> Worker:
+    worker = Worker(next(_serials))
+    _local.worker = worker
+    with _registry_lock:
+        _workers[worker.serial] = (weakref.ref(worker), worker.counts)
+    return worker
+
+
+def worker() -> Worker:
+    """The current worker's ledger."""
+    try:
+        return _local.worker
+    except AttributeError:
+        return _new_worker()
+
+
+def live_workers() -> list[Worker]:
+    """Every worker whose thread is alive, folding the counters of the others."""
+    alive = []
+    with _registry_lock:
+        for serial, (ref, counts) in list(_workers.items()):
+            w = ref()
+            if w is None:
+                for i, value in enumerate(counts):
+                    _retired[i] += value
+                del _workers[serial]
+            else:
+                alive.append(w)
+    return alive
+
+
+# --------------------------------------------------------------------------
+# Flask's internals that the hooks compare against, looked up once.
+
+_flask_globals: Any = None
+_cv_by_kind: dict[str, Any] = {}
+# Code objects of Flask's own callers of push: a push from there is made on
+# behalf of a request, not by the user's code.
+_request_push_code: Any = None
+_wsgi_app_code: Any = None
+
+
+def _lookup_flask() -> None:
+    global _flask_globals, _cv_by_kind, _wsgi_app_code
+    import flask
+    import flask.globals
+
+    _flask_globals = flask.globals
+    _cv_by_kind = {
+        telemetry.KIND_APP: getattr(flask.globals, "_cv_app", None),
+        telemetry.KIND_REQUEST: getattr(flask.globals, "_cv_request", None),
+    }
+    _wsgi_app_code = getattr(inspect.unwrap(flask.Flask.wsgi_app), "__code__", None)
+
+
+def current(kind: str) -> Any:
+    """The context of this kind current on this worker, or None."""
+    var = _cv_by_kind.get(kind)
+    if var is None:
+        return None
+    try:
+        return var.get(None)
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------
+# The hooks.
+
+_getframe = __import__("sys")._getframe
+_monotonic = time.monotonic
+
+
+def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
+    slot = _PUSH[kind]
+    is_request = kind == telemetry.KIND_REQUEST
+
+    def push(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        try:
+            try:
+                w = _local.worker
+            except AttributeError:
+                w = _new_worker()
+            request = w.request
+            caller = _getframe(1).f_code
+            if caller is _request_push_code:
+                # The application context Flask pushes for a request context.
+                site = None
+            elif caller is _wsgi_app_code:
+                # The request Flask is serving.
+                site = None
+                if is_request and request is not None and request.rule is None:
+                    request.rule = getattr(getattr(self, "request", None), "url_rule", None)
+            else:
+                site = frames.user_site(2)
+            w.open.append([self, kind, site, _monotonic(), request, False])
+            w.counts[slot] += 1
+        except Exception as exc:
+            telemetry.fault("ledger push", exc)
+        return result
+
+    push.__wrapped__ = original  # type: ignore[attr-defined]
+    push.__name__ = original.__name__
+    push.__qualname__ = original.__qualname__
+    push.__doc__ = original.__doc__
+    return push
+
+
+def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
+    ok_slot = _POP[kind, telemetry.OUTCOME_OK]
+
+    def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            w = _local.worker
+        except AttributeError:
+            w = _new_worker()
+        # Take the record off first: popping a request context pops its
+        # application context inside it, which then finds its own on top.
+        open_ = w.open
+        if open_ and open_[-1][_CTX] is self:
+            record = open_.pop()
+            index = len(open_)
+        else:
+            record, index = None, -1
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException as exc:
+            _after_pop(w, self, kind, record, index, exc)
+            raise
+        if record is not None:
+            w.counts[ok_slot] += 1
+        else:
+            _after_pop(w, self, kind, None, -1, None)
+        return result
+
+    pop.__wrapped__ = original  # type: ignore[attr-defined]
+    pop.__name__ = original.__name__
+    pop.__qualname__ = original.__qualname__
+    pop.__doc__ = original.__doc__
+    return pop
+
+
+_WRONG_MESSAGES = {
+    telemetry.KIND_APP: "Popped wrong app context",
+    telemetry.KIND_REQUEST: "Popped wrong request context",
+}
+
+
+def _is_wrong_context(exc: BaseException | None, kind: str) -> bool:
+    """Flask's own complaint about this kind (a request context's pop also
+    pops its app context, whose complaint passes through it)."""
+    return isinstance(exc, AssertionError) and str(exc).startswith(_WRONG_MESSAGES[kind])
+
+
+def _find(records: list[list[Any]], ctx: Any) -> int:
+    for i in range(len(records) - 1, -1, -1):
+        if records[i][_CTX] is ctx:
+            return i
+    return -1
+
+
+def _after_pop(
+    w: Worker,
+    ctx: Any,
+    kind: str,
+    record: list[Any] | None,
+    index: int,
+    exc: BaseException | None,
+) -> None:
+    """Reconcile the ledger after a pop that was not the plain case."""
+    try:
+        owner = w
+        if record is None:
+            index = _find(w.open, ctx)
+            if index < 0:
+                owner = _find_owner(ctx)
+                index = _find(owner.open, ctx) if owner is not None else -1
+            if owner is not None and index >= 0:
+                record = owner.open.pop(index)
+        if record is None:
+            # Pushed before ctxguard was installed: nothing to reconcile.
+            if exc is None:
+                w.counts[_POP[kind, telemetry.OUTCOME_OK]] += 1
+            return
+        assert owner is not None
+        if owner is not w:
+            outcome = telemetry.OUTCOME_CROSS
+        elif _is_wrong_context(exc, kind):
+            outcome = telemetry.OUTCOME_WRONG
+        else:
+            outcome = telemetry.OUTCOME_OK
+        w.counts[_POP[kind, outcome]] += 1
+
+        popped = exc is None or _is_wrong_context(exc, kind) or current(kind) is not ctx
+        if owner is not w and exc is not None:
+            popped = False  # Flask refused: the context is still current over there.
+        if not popped:
+            owner.open.insert(min(index, len(owner.open)), record)
+        if outcome == telemetry.OUTCOME_WRONG:
+            _orphan_above(owner, kind, index)
+        if outcome != telemetry.OUTCOME_OK:
+            location = frames.describe(frames.user_site(3))
+            telemetry.log_event(
+                ("pop", outcome, location),
+                "ctxguard: %s context popped with outcome %s at %s (%s)",
+                kind,
+                outcome,
+                _where(location),
+                f"{type(exc).__name__}: {exc}" if exc is not None else "no error raised",
+            )
+    except Exception as error:
+        telemetry.fault("ledger pop", error)
+
+
+def _orphan_above(w: Worker, kind: str, index: int) -> None:
+    """After a wrong-order pop, same-kind contexts pushed later are unreachable.
+
+    Flask reset its context variable past them: they stay open for ever and
+    their teardown never runs. Keep them in the ledger (they are leaks, to be
+    reported with their push site) but only weakly, so the ledger does not
+    keep them alive.
+    """
+    for record in w.open[index:]:
+        ctx = record[_CTX]
+        if record[_KIND] == kind and not isinstance(ctx, weakref.ref):
+            record[_CTX] = weakref.ref(ctx)
+
+
+def _find_owner(ctx: Any) -> Worker | None:
+    for other in live_workers():
+        if _find(other.open, ctx) >= 0:
+            return other
+    return None
+
+
+def _where(location: frames.Location | None) -> str:
+    if location is None:
+        return "an unknown place"
+    return f"{location.file}:{location.line} in {location.function}"
+
+
+# --------------------------------------------------------------------------
+# Reading the ledger (cold paths only).
+
+
+@dataclass(frozen=True)
+class OpenContext:
+    """A context pushed and not popped, as the middleware and snapshot see it."""
+
+    kind: str
+    site: Site | None
+    age: float
+    request: RequestInfo | None
+    current: bool
+    reported: bool
+    handle: list[Any]
+
+    @property
+    def location(self) -> frames.Location | None:
+        return frames.describe(self.site)
+
+    @property
+    def reachable(self) -> bool:
+        """False once Flask can never pop it (a wrong-order pop jumped past it)."""
+        return not isinstance(self.handle[_CTX], weakref.ref)
+
+    def context(self) -> Any:
+        ctx = self.handle[_CTX]
+        return ctx() if isinstance(ctx, weakref.ref) else ctx
+
+
+def _view(record: list[Any], now: float) -> OpenContext:
+    ctx = record[_CTX]
+    live = ctx() if isinstance(ctx, weakref.ref) else ctx
+    return OpenContext(
+        kind=record[_KIND],
+        site=record[_SITE],
+        age=max(0.0, now - record[_PUSHED_AT]),
+        request=record[_REQUEST],
+        current=live is not None and current(record[_KIND]) is live,
+        reported=record[_REPORTED],
+        handle=record,
+    )
+
+
+def open_contexts(
+    w: Worker, request: RequestInfo | None = None, *, prune: bool = True
+) -> list[OpenContext]:
+    """The worker's open contexts, oldest first; only ``request``'s if given.
+
+    ``current`` is only meaningful on the worker's own thread, and only there
+    may ``prune`` forget the unreachable contexts already reported.
+    """
+    now = _monotonic()
+    if prune:
+        w.open[:] = [r for r in w.open if not (r[_REPORTED] and _is_dead(r))]
+    return [
+        _view(record, now)
+        for record in list(w.open)
+        if request is None or record[_REQUEST] is request
+    ]
+
+
+def top(w: Worker) -> OpenContext | None:
+    """The most recently pushed context still open on this worker."""
+    return _view(w.open[-1], _monotonic()) if w.open else None
+
+
+def needs_attention(w: Worker) -> bool:
+    """Cheap test for the middleware: is there anything new or stale on this worker?"""
+    return any(not record[_REPORTED] or record[_REQUEST] is not None for record in w.open)
+
+
+def _is_dead(record: list[Any]) -> bool:
+    ctx = record[_CTX]
+    return isinstance(ctx, weakref.ref) and ctx() is None
+
+
+def mark_reported(item: OpenContext) -> None:
+    item.handle[_REPORTED] = True
+
+
+def record_current_context(w: Worker) -> None:
+    """Record contexts current on this worker that were pushed before the hooks.
+
+    Their push site is unknown, but a context pushed at import time before
+    ``CtxGuard(app)`` must still be seen by the middleware.
+    """
+    known = {id(record[_CTX]) for record in w.open}
+    for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):
+        ctx = current(kind)
+        if ctx is not None and id(ctx) not in known:
+            w.open.insert(0, [ctx, kind, None, _monotonic(), None, False])
+
+
+# --------------------------------------------------------------------------
+# Metrics and snapshot.
+
+
+def observations() -> dict[str, list[tuple[dict[str, str], int]]]:
+    """Cumulative pushes and pops, and contexts open now, for the observable instruments."""
+    workers = live_workers()
+    totals = list(_retired)
+    open_by_kind = dict.fromkeys(_PUSH, 0)
+    for w in workers:
+        for i, value in enumerate(w.counts):
+            totals[i] += value
+        for record in list(w.open):
+            if not _is_dead(record):
+                open_by_kind[record[_KIND]] += 1
+    kind_key = telemetry.CONTEXT_KIND
+    return {
+        telemetry.PUSHES: [({kind_key: kind}, totals[slot]) for kind, slot in _PUSH.items()],
+        telemetry.POPS: [
+            ({kind_key: kind, telemetry.POP_OUTCOME: outcome}, totals[slot])
+            for (kind, outcome), slot in _POP.items()
+        ],
+        telemetry.OPEN: [({kind_key: kind}, n) for kind, n in open_by_kind.items()],
+    }
+
+
+def snapshot() -> dict[str, Any]:
+    """Every worker's open contexts, as plain JSON-serialisable data."""
+    workers = []
+    for w in sorted(live_workers(), key=lambda w: w.serial):
+        contexts = []
+        for item in open_contexts(w, prune=False):
+            if not item.reachable and item.context() is None:
+                continue  # gone: nothing can pop it and nothing holds it
+            loc = item.location
+            contexts.append(
+                {
+                    "kind": item.kind,
+                    "file": loc.file if loc else None,
+                    "line": loc.line if loc else None,
+                    "function": loc.function if loc else None,
+                    "age": round(item.age, 6),
+                    "request": item.request.as_dict() if item.request is not None else None,
+                    "leaked": item.reported,
+                    "reachable": item.reachable,
+                }
+            )
+        if contexts:
+            workers.append({"thread_id": w.ident, "thread_name": w.name, "contexts": contexts})
+    return {"pid": os.getpid(), "workers": workers}
+
+
+# --------------------------------------------------------------------------
+# Install and uninstall.
+
+
+def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    """The attributes this module replaces, with their replacements."""
+    from flask.ctx import AppContext, RequestContext
+
+    global _request_push_code
+    _lookup_flask()
+    _request_push_code = getattr(inspect.unwrap(RequestContext.push), "__code__", None)
+    for cls, kind in ((AppContext, telemetry.KIND_APP), (RequestContext, telemetry.KIND_REQUEST)):
+        yield cls, "push", _make_push(cls.push, kind)
+        yield cls, "pop", _make_pop(cls.pop, kind)
+
+
+def reset_local() -> None:
+    """Use ``threading.local`` as it is now (gevent may have patched it since import)."""
+    global _local
+    _local = threading.local()

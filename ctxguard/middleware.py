@@ -1,0 +1,321 @@
+"""The WSGI middleware: each request starts and ends on a clean worker.
+
+Before the app runs it looks at the contexts already open on this worker. One
+pushed during an earlier request and never popped is stale: it is reported
+(``request_start``) and, when healing is on, popped so its teardown runs and
+the new request gets its own app context. One pushed outside any request
+(an ``app.app_context().push()`` at import time) is reported once per push
+site outside testing and left alone.
+
+After the response iterable is closed (or abandoned and finalised, possibly
+on another thread) every context pushed for the request must be gone; one
+that is not is reported (``request_end``) with its push site.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import frames, ledger, policy, process, settings, telemetry
+from .ledger import OpenContext, RequestInfo, Worker
+
+WSGIApp = Callable[..., Iterable[bytes]]
+
+
+def flask_app_of(wsgi_app: Any) -> Any:
+    """The Flask app behind ``wsgi_app`` (the app or its bound ``wsgi_app``), or None."""
+    try:
+        from flask import Flask
+    except Exception:
+        return None
+    if isinstance(wsgi_app, Flask):
+        return wsgi_app
+    owner = getattr(wsgi_app, "__self__", None)
+    return owner if isinstance(owner, Flask) else None
+
+
+class CtxGuardMiddleware:
+    """Guard a WSGI app: stale and leaked contexts, production policy.
+
+    ``CtxGuardMiddleware(app.wsgi_app, app=app)`` is what ``CtxGuard`` sets
+    up; use it directly for plain WSGI stacks. Without a Flask ``app`` the
+    environment defaults to production (or ``CTXGUARD_ENVIRONMENT``).
+    """
+
+    def __init__(
+        self,
+        wsgi_app: WSGIApp,
+        *,
+        app: Any = None,
+        environment: str | None = None,
+        policy: str | None = None,
+        heal: bool | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ) -> None:
+        self.wsgi_app = wsgi_app
+        self.app = app if app is not None else flask_app_of(wsgi_app)
+        self.options = settings.resolve(environment, policy, heal)
+        self._first_request_seen = False
+        self._ambient_reported: set[Any] = set()
+        self._rules_reported: set[str] = set()
+        self._lock = threading.Lock()
+        if not self.options.disabled:
+            process.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+    # -- options that follow the app (it may be switched to testing after init)
+
+    def environment(self) -> str:
+        app = self.app
+        try:
+            debug = bool(getattr(app, "debug", False)) if app is not None else False
+            testing = bool(getattr(app, "testing", False)) if app is not None else False
+        except Exception as exc:
+            telemetry.fault("environment", exc)
+            debug = testing = False
+        return self.options.environment_for(debug, testing)
+
+    def check_app(self, *, refuse: bool = True) -> list[policy.Violation]:
+        """Policy check of the app and the chain below this middleware.
+
+        At start-up (``refuse``) the strict policy raises ``PolicyError``; a
+        server already running is never made to fail requests.
+        """
+        if self.environment() != "production" or self.options.policy == "off":
+            return []
+        found = [
+            v
+            for v in policy.app_violations(self.app, self.wsgi_app)
+            if v.rule not in self._rules_reported
+        ]
+        self._rules_reported.update(v.rule for v in found)
+        policy.apply(self.app, found, self.options.policy, refuse=refuse)
+        return found
+
+    # -- the request
+
+    def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        if self.options.disabled:
+            return self.wsgi_app(environ, start_response)
+        try:
+            w = ledger.worker()
+            if w.request is not None or not process.installed():
+                # Inside another guarded request (two middlewares), or uninstalled.
+                return self.wsgi_app(environ, start_response)
+            if not self._first_request_seen:
+                self._first_request(environ)
+            if policy.PRESERVE_KEY in environ:
+                self._preserve_key(environ)
+            if w.open:
+                self._check_start(w)
+            info = RequestInfo(environ.get("REQUEST_METHOD"))
+        except Exception as exc:
+            telemetry.fault("middleware", exc)
+            return self.wsgi_app(environ, start_response)
+
+        w.request = info
+        try:
+            body = self.wsgi_app(environ, start_response)
+        except BaseException:
+            w.request = None
+            self._check_end(w, info)
+            raise
+        w.request = None
+        try:
+            if isinstance(body, (list, tuple)) or _is_file_wrapper(body, environ):
+                # Iterating it runs no application code: the request is over.
+                self._check_end(w, info)
+                return body
+            return _Body(body, self, w, info)
+        except Exception as exc:
+            telemetry.fault("middleware body", exc)
+            return body
+
+    def _first_request(self, environ: Any) -> None:
+        with self._lock:
+            if self._first_request_seen:
+                return
+            self._first_request_seen = True
+        if self.environment() != "production" or self.options.policy == "off":
+            return
+        # Configuration and wrapping often change after init_app: look again.
+        self.check_app(refuse=False)
+        if policy.is_development_server(environ):
+            policy.report(policy.DEVELOPMENT_SERVER, telemetry.ACTION_REPORTED)
+
+    def _preserve_key(self, environ: Any) -> None:
+        if self.environment() == "production":
+            policy.strip_preserve_key(environ, self.options.policy)
+
+    def _check_start(self, w: Worker) -> None:
+        """Report stale and ambient contexts on this worker; heal the stale ones."""
+        if not ledger.needs_attention(w):
+            return
+        environment = self.environment()
+        for item in ledger.open_contexts(w):
+            if item.reported:
+                continue
+            if item.request is not None:
+                _report_leak(item, w, telemetry.SITE_REQUEST_START)
+            elif environment != "testing":
+                key = item.site
+                ledger.mark_reported(item)
+                if key not in self._ambient_reported:
+                    self._ambient_reported.add(key)
+                    _report_leak(item, w, telemetry.SITE_REQUEST_START, ambient=True)
+        if self.options.heal_for(environment):
+            _heal(w)
+
+    def _check_end(self, w: Worker, info: RequestInfo) -> None:
+        """After the request: anything it pushed and did not pop is a leak."""
+        try:
+            here = ledger.worker()
+            for owner in {w, here}:
+                if not owner.open:
+                    continue
+                for item in ledger.open_contexts(owner, info, prune=owner is here):
+                    if not item.reported:
+                        _report_leak(item, owner, telemetry.SITE_REQUEST_END)
+        except Exception as exc:
+            telemetry.fault("request end check", exc)
+
+
+def _is_file_wrapper(body: Any, environ: Any) -> bool:
+    wrapper = environ.get("wsgi.file_wrapper") if hasattr(environ, "get") else None
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
+
+
+def _report_leak(item: OpenContext, w: Worker, site: str, *, ambient: bool = False) -> None:
+    ledger.mark_reported(item)
+    location = item.location
+    request = item.request
+    attributes: dict[str, Any] = {
+        telemetry.CONTEXT_KIND: item.kind,
+        telemetry.LEAK_SITE: site,
+        telemetry.CONTEXT_AGE: round(item.age, 6),
+        telemetry.THREAD_ID: w.ident,
+        telemetry.THREAD_NAME: w.name,
+    }
+    if location is not None:
+        attributes[telemetry.CODE_FUNCTION] = location.function
+        attributes[telemetry.CODE_FILE] = location.file
+        attributes[telemetry.CODE_LINE] = location.line
+    if request is not None:
+        attributes[telemetry.HTTP_ROUTE] = request.route
+        attributes[telemetry.HTTP_METHOD] = request.http_method
+    telemetry.count(telemetry.LEAKS, {telemetry.CONTEXT_KIND: item.kind, telemetry.LEAK_SITE: site})
+    key = (item.kind, site, item.site if location is not None else request and request.route)
+    telemetry.span(telemetry.SPAN_CONTEXT_LEAK, attributes, throttle_key=key)
+    if ambient:
+        reason = "pushed outside any request and shared by every request on this worker"
+    elif request is not None:
+        reason = f"pushed during request {request.http_method} {request.route or '<unmatched>'}"
+    else:
+        reason = "never popped"
+    telemetry.log_event(
+        ("leak", key),
+        "ctxguard: %s context leaked (%s), %s; pushed at %s, %.3fs ago, thread %s",
+        item.kind,
+        site,
+        reason,
+        _where(location),
+        item.age,
+        w.name,
+    )
+
+
+def _where(location: frames.Location | None) -> str:
+    if location is None:
+        return "a place Flask chose (no user code on the stack)"
+    return f"{location.file}:{location.line} in {location.function}"
+
+
+def _heal(w: Worker) -> None:
+    """Pop stale contexts from the top of this worker's stack so their teardown runs."""
+    while True:
+        item = ledger.top(w)
+        if item is None or item.request is None or not item.current:
+            return
+        ctx = item.context()
+        try:
+            ctx.pop()
+        except Exception as exc:
+            # A teardown function failed; Flask still popped the context.
+            telemetry.log_event(
+                ("heal", item.site),
+                "ctxguard: a teardown function raised while healing a stale %s context: %r",
+                item.kind,
+                exc,
+            )
+        if ledger.top(w) is not None and ledger.top(w).handle is item.handle:
+            return  # Flask could not pop it; do not loop.
+        telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: item.kind})
+
+
+class _Body:
+    """The response iterable, so the request's end can be checked when it is closed.
+
+    While the body runs (a streamed response pushes its contexts here) pushes
+    are attributed to the request. If the server abandons it without calling
+    ``close()``, the check runs when it is finalised, on whatever thread that is.
+    """
+
+    __slots__ = ("_body", "_closed", "_guard", "_info", "_iter", "_worker")
+
+    def __init__(
+        self, body: Iterable[bytes], guard: CtxGuardMiddleware, w: Worker, info: RequestInfo
+    ):
+        self._body: Any = body
+        self._iter: Iterator[bytes] | None = iter(body)
+        self._guard = guard
+        self._worker = w
+        self._info = info
+        self._closed = False
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        it = self._iter
+        if it is None:
+            raise StopIteration
+        w = ledger.worker()
+        previous = w.request
+        w.request = self._info
+        try:
+            return next(it)
+        finally:
+            w.request = previous
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        body, self._body, self._iter = self._body, None, None
+        close = getattr(body, "close", None)
+        try:
+            if close is not None:
+                w = ledger.worker()
+                previous = w.request
+                w.request = self._info
+                try:
+                    close()
+                finally:
+                    w.request = previous
+        finally:
+            del body, close
+            self._guard._check_end(self._worker, self._info)
+
+    def __del__(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._closed = True
+            # Drop the body first: finalised now, on this thread, as it would
+            # have been without ctxguard. Then see what it left behind.
+            self._body = self._iter = None
+            self._guard._check_end(self._worker, self._info)
+        except Exception as exc:
+            telemetry.fault("response finaliser", exc)

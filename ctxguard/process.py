@@ -1,0 +1,78 @@
+"""The process hooks: installed once per process, removed exactly.
+
+``install()`` replaces a few attributes (today Flask's context push/pop; the
+proxy and threading hooks join the same list) and remembers the very objects
+it replaced; ``uninstall()`` puts those objects back.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import frames, ledger, settings, telemetry
+
+_lock = threading.RLock()
+# (owner, attribute, original, replacement, owner had the attribute itself)
+_patches: list[tuple[Any, str, Any, Any, bool]] = []
+_ever_installed = False
+
+
+def installed() -> bool:
+    return bool(_patches)
+
+
+def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
+    """Install the process hooks (idempotent); returns False when disabled.
+
+    For workers, scripts and CLIs that run no Flask request but still push
+    contexts. Providers given here are used from now on; by default the
+    global ones are used.
+    """
+    if settings.disabled():
+        return False
+    global _ever_installed
+    with _lock:
+        telemetry.configure(tracer_provider, meter_provider, ledger.observations)
+        if _patches:
+            return True
+        if not _ever_installed:
+            # gevent may have patched threading.local after ctxguard was imported.
+            ledger.reset_local()
+            _ever_installed = True
+        frames.refresh()
+        try:
+            for owner, name, replacement in ledger.hooks():
+                own = name in vars(owner)
+                original = vars(owner)[name] if own else getattr(owner, name)
+                setattr(owner, name, replacement)
+                _patches.append((owner, name, original, replacement, own))
+            ledger.record_current_context(ledger.worker())
+        except Exception:
+            _restore()
+            raise
+        return True
+
+
+def _restore() -> None:
+    while _patches:
+        owner, name, original, replacement, own = _patches.pop()
+        if vars(owner).get(name) is not replacement:
+            telemetry.log_event(
+                ("uninstall", name),
+                "ctxguard: %s.%s was replaced again after ctxguard patched it;"
+                " leaving the newer one in place",
+                getattr(owner, "__qualname__", owner),
+                name,
+            )
+            continue
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def uninstall() -> None:
+    """Remove every hook, putting back the exact objects that were there before."""
+    with _lock:
+        _restore()

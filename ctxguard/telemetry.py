@@ -1,0 +1,332 @@
+"""Everything ctxguard says to OpenTelemetry, and the only module that talks to it.
+
+The names below are a public interface (dashboards and alert rules depend on
+them, see DESIGN.md). Only rare events reach this module: the hot path keeps
+plain integers in the ledger and the observable instruments read them at
+collection time. Every function here swallows its own failures (a broken
+provider, processor or exporter must never reach the user's request) and logs
+them at most once per minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+logger = logging.getLogger("ctxguard")
+
+SCOPE = "ctxguard"
+
+# Metrics.
+ERRORS = "ctxguard.context.errors"
+LEAKS = "ctxguard.context.leaks"
+PUSHES = "ctxguard.context.pushes"
+POPS = "ctxguard.context.pops"
+OPEN = "ctxguard.context.open"
+HEALED = "ctxguard.context.healed"
+VIOLATIONS = "ctxguard.policy.violations"
+
+# Spans.
+SPAN_CONTEXT_ERROR = "ctxguard.context_error"
+SPAN_CONTEXT_LEAK = "ctxguard.context_leak"
+SPAN_POLICY_VIOLATION = "ctxguard.policy_violation"
+
+# Attribute keys.
+PROXY = "ctxguard.proxy"
+CONTEXT_KIND = "ctxguard.context.kind"
+WORKER_KIND = "ctxguard.worker.kind"
+LEAK_SITE = "ctxguard.leak.site"
+POP_OUTCOME = "ctxguard.pop.outcome"
+POLICY_RULE = "ctxguard.policy.rule"
+POLICY_ACTION = "ctxguard.policy.action"
+CONTEXT_AGE = "ctxguard.context.age"
+HINT = "ctxguard.hint"
+SUPPRESSED = "ctxguard.suppressed"
+ORIGIN_ENDPOINT = "ctxguard.origin.endpoint"
+CODE_FUNCTION = "code.function.name"
+CODE_FILE = "code.file.path"
+CODE_LINE = "code.line.number"
+THREAD_ID = "thread.id"
+THREAD_NAME = "thread.name"
+HTTP_ROUTE = "http.route"
+HTTP_METHOD = "http.request.method"
+
+# Attribute values.
+KIND_APP = "app"
+KIND_REQUEST = "request"
+SITE_REQUEST_START = "request_start"
+SITE_REQUEST_END = "request_end"
+SITE_THREAD_EXIT = "thread_exit"
+SITE_TASK_END = "task_end"
+OUTCOME_OK = "ok"
+OUTCOME_WRONG = "wrong_context"
+OUTCOME_CROSS = "cross_worker"
+RULE_PRESERVE_CONFIG = "preserve_context_on_exception"
+RULE_PRESERVE_ENVIRON = "preserve_context_environ"
+RULE_DEBUG_MODE = "debug_mode"
+RULE_DEBUGGER = "debugger_middleware"
+RULE_DEV_SERVER = "development_server"
+ACTION_ENFORCED = "enforced"
+ACTION_REPORTED = "reported"
+ACTION_REFUSED = "refused"
+
+#: How often one fault or one event site may be logged.
+LOG_INTERVAL = 60.0
+#: Spans per code location per second; the counters stay exact.
+SPAN_INTERVAL = 1.0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ctxguard")
+    except Exception:
+        return "0.0.0"
+
+
+VERSION = _version()
+
+Observations = Callable[[], Mapping[str, Iterable[tuple[Mapping[str, str], int]]]]
+
+
+class _Throttle:
+    """Lets one event per key through per interval and counts the rest."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[Any, float] = {}
+        self._dropped: dict[Any, int] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: Any) -> tuple[bool, int]:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._dropped[key] = self._dropped.get(key, 0) + 1
+                return False, 0
+            if len(self._last) > 10_000:
+                self._last.clear()
+            self._last[key] = now
+            return True, self._dropped.pop(key, 0)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._last.clear()
+            self._dropped.clear()
+
+
+_faults = _Throttle(LOG_INTERVAL)
+_logs = _Throttle(LOG_INTERVAL)
+_spans = _Throttle(SPAN_INTERVAL)
+
+
+def fault(where: str, exc: BaseException) -> None:
+    """Log one of ctxguard's own failures, at most once per minute per place."""
+    try:
+        allowed, dropped = _faults.allow(where)
+        if allowed:
+            logger.warning(
+                "ctxguard: internal error in %s (ignored, the application is not affected;"
+                " %d more since the last report): %r",
+                where,
+                dropped,
+                exc,
+                exc_info=exc,
+            )
+    except Exception:
+        pass
+
+
+def log_event(key: Any, message: str, *args: Any) -> None:
+    """Log an event once per key per minute on the ``ctxguard`` logger."""
+    try:
+        allowed, dropped = _logs.allow(key)
+        if allowed:
+            if dropped:
+                message += " (%d more like this in the last minute)"
+                args = (*args, dropped)
+            logger.warning(message, *args)
+    except Exception as exc:
+        fault("log", exc)
+
+
+class _State:
+    """The providers in use and the instruments made from them."""
+
+    def __init__(self) -> None:
+        self.tracer_provider: Any = None
+        self.meter_provider: Any = None
+        self.observations: Observations | None = None
+        self.lock = threading.Lock()
+        self.meter_key: Any = None
+        self.counters: dict[str, Any] = {}
+        self.tracer_key: Any = None
+        self.tracer: Any = None
+
+
+_state = _State()
+_GLOBAL = object()
+
+
+def configure(
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+    observations: Observations | None = None,
+) -> None:
+    """Use these providers from now on (``None`` keeps the one already chosen).
+
+    With no explicit provider the global ones are used, looked up when the
+    first event happens rather than at import, so a provider set after
+    ``import ctxguard`` is still used (before it is set, the API's proxy
+    provider forwards to it once it is).
+    """
+    with _state.lock:
+        if tracer_provider is not None:
+            _state.tracer_provider = tracer_provider
+        if meter_provider is not None:
+            _state.meter_provider = meter_provider
+        if observations is not None:
+            _state.observations = observations
+    # Register the observable instruments now, so the first collection sees them.
+    _instruments()
+
+
+def reset() -> None:
+    """Forget explicit providers and throttles (for tests and ``uninstall``)."""
+    with _state.lock:
+        _state.tracer_provider = None
+        _state.meter_provider = None
+        _state.meter_key = None
+        _state.counters = {}
+        _state.tracer_key = None
+        _state.tracer = None
+    _faults.reset()
+    _logs.reset()
+    _spans.reset()
+
+
+def _instruments() -> dict[str, Any]:
+    try:
+        # The global provider is looked up once: before the application sets
+        # one it is the API's proxy, which forwards to the real one later.
+        key = _state.meter_provider or _GLOBAL
+        if key is _state.meter_key:
+            return _state.counters
+        with _state.lock:
+            if key is _state.meter_key:
+                return _state.counters
+            provider = _state.meter_provider or metrics.get_meter_provider()
+            meter = provider.get_meter(SCOPE, VERSION)
+            counters = {
+                ERRORS: meter.create_counter(
+                    ERRORS, unit="{error}", description="Flask proxies used outside their context."
+                ),
+                LEAKS: meter.create_counter(
+                    LEAKS, unit="{context}", description="Contexts pushed and never popped."
+                ),
+                HEALED: meter.create_counter(
+                    HEALED,
+                    unit="{context}",
+                    description="Stale contexts popped by ctxguard so their teardown ran.",
+                ),
+                VIOLATIONS: meter.create_counter(
+                    VIOLATIONS, unit="{violation}", description="Production policy violations."
+                ),
+            }
+            meter.create_observable_counter(
+                PUSHES,
+                callbacks=[_observe(PUSHES)],
+                unit="{context}",
+                description="Application and request contexts pushed.",
+            )
+            meter.create_observable_counter(
+                POPS,
+                callbacks=[_observe(POPS)],
+                unit="{context}",
+                description="Application and request contexts popped, by outcome.",
+            )
+            meter.create_observable_up_down_counter(
+                OPEN,
+                callbacks=[_observe(OPEN)],
+                unit="{context}",
+                description="Contexts pushed and not yet popped.",
+            )
+            _state.meter_key = key
+            _state.counters = counters
+            return counters
+    except Exception as exc:
+        fault("metrics", exc)
+        return {}
+
+
+def _observe(name: str) -> Callable[[Any], Iterable[metrics.Observation]]:
+    def callback(options: Any) -> Iterable[metrics.Observation]:
+        source = _state.observations
+        if source is None:
+            return []
+        try:
+            return [metrics.Observation(value, dict(attrs)) for attrs, value in source()[name]]
+        except Exception as exc:
+            fault("metrics collection", exc)
+            return []
+
+    return callback
+
+
+def _tracer() -> Any:
+    key = _state.tracer_provider or _GLOBAL
+    if key is not _state.tracer_key:
+        provider = _state.tracer_provider or trace.get_tracer_provider()
+        _state.tracer = provider.get_tracer(SCOPE, VERSION)
+        _state.tracer_key = key
+    return _state.tracer
+
+
+def count(name: str, attributes: Mapping[str, Any]) -> None:
+    """Add one to a synchronous counter; never raises."""
+    try:
+        counter = _instruments().get(name)
+        if counter is not None:
+            counter.add(1, attributes)
+    except Exception as exc:
+        fault(f"counter {name}", exc)
+
+
+def span(
+    name: str,
+    attributes: Mapping[str, Any],
+    *,
+    throttle_key: Any = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Emit one finished ERROR span, at most once per second per ``throttle_key``.
+
+    The next span let through for the same key carries how many were dropped
+    in ``ctxguard.suppressed``. Never raises.
+    """
+    try:
+        if throttle_key is not None:
+            allowed, dropped = _spans.allow((name, throttle_key))
+            if not allowed:
+                return
+            if dropped:
+                attributes = {**attributes, SUPPRESSED: dropped}
+        tracer = _tracer()
+        clean = {k: v for k, v in attributes.items() if v is not None}
+        sp = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=clean)
+        try:
+            if exception is not None:
+                sp.record_exception(exception)
+            sp.set_status(Status(StatusCode.ERROR))
+        finally:
+            sp.end()
+    except Exception as exc:
+        fault(f"span {name}", exc)
