@@ -522,7 +522,14 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
         yield cls, "pop", _make_pop(cls.pop, kind)
 
 
-def reset_local() -> None:
-    """Use ``threading.local`` as it is now (gevent may have patched it since import)."""
+def reset() -> None:
+    """Forget every worker and count, and use ``threading.local`` as it is now.
+
+    Called when the hooks are installed in a clean process state (gevent may
+    have patched ``threading.local`` since import) and when they are removed.
+    """
     global _local
-    _local = threading.local()
+    with _registry_lock:
+        _workers.clear()
+        _retired[:] = [0] * _SLOTS
+        _local = threading.local()

@@ -15,7 +15,6 @@ from . import frames, ledger, settings, telemetry
 _lock = threading.RLock()
 # (owner, attribute, original, replacement, owner had the attribute itself)
 _patches: list[tuple[Any, str, Any, Any, bool]] = []
-_ever_installed = False
 
 
 def installed() -> bool:
@@ -31,15 +30,11 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
     """
     if settings.disabled():
         return False
-    global _ever_installed
     with _lock:
         telemetry.configure(tracer_provider, meter_provider, ledger.observations)
         if _patches:
             return True
-        if not _ever_installed:
-            # gevent may have patched threading.local after ctxguard was imported.
-            ledger.reset_local()
-            _ever_installed = True
+        ledger.reset()
         frames.refresh()
         try:
             for owner, name, replacement in ledger.hooks():
@@ -73,6 +68,12 @@ def _restore() -> None:
 
 
 def uninstall() -> None:
-    """Remove every hook, putting back the exact objects that were there before."""
+    """Remove every hook, putting back the exact objects that were there before.
+
+    The ledger and the telemetry settings are forgotten too: a later
+    ``install()`` starts from a clean slate.
+    """
     with _lock:
         _restore()
+        ledger.reset()
+        telemetry.reset()

@@ -1,0 +1,96 @@
+"""Shared fixtures: real OpenTelemetry SDK providers with in-memory readers.
+
+Every test starts with ctxguard uninstalled and no Flask context current, and
+ends the same way, so one test's deliberate leak cannot be seen by another.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask.globals import _cv_app, _cv_request
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import ctxguard
+
+
+class Telemetry:
+    """What ctxguard exported during one test."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    @property
+    def providers(self) -> dict[str, Any]:
+        return {"tracer_provider": self.tracer_provider, "meter_provider": self.meter_provider}
+
+    def spans(self, name: str | None = None) -> list[Any]:
+        return [s for s in self.exporter.get_finished_spans() if name is None or s.name == name]
+
+    def points(self, metric: str) -> list[tuple[dict[str, Any], int]]:
+        """Data points of one metric as (attributes, value)."""
+        data = self.reader.get_metrics_data()
+        found = []
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == metric:
+                        found.extend((dict(p.attributes), p.value) for p in m.data.data_points)
+        return found
+
+    def value(self, metric: str, attributes: dict[str, Any] | None = None) -> int:
+        """Sum of a metric over the points whose attributes include ``attributes``."""
+        wanted = attributes or {}
+        return sum(
+            value
+            for attrs, value in self.points(metric)
+            if all(attrs.get(k) == v for k, v in wanted.items())
+        )
+
+
+def _clear_flask_contexts() -> None:
+    """Pop whatever a test left current, without ctxguard's hooks."""
+    for var in (_cv_request, _cv_app):
+        for _ in range(100):
+            ctx = var.get(None)
+            if ctx is None:
+                break
+            tokens = getattr(ctx, "_cv_tokens", None)
+            if tokens:
+                token = tokens.pop()
+                var.reset(token[0] if isinstance(token, tuple) else token)
+            else:
+                break
+
+
+@pytest.fixture(autouse=True)
+def clean_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("CTXGUARD_ENVIRONMENT", "CTXGUARD_POLICY", "CTXGUARD_HEAL", "CTXGUARD_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    ctxguard.uninstall()
+    _clear_flask_contexts()
+    yield
+    ctxguard.uninstall()
+    _clear_flask_contexts()
+
+
+@pytest.fixture
+def telemetry() -> Telemetry:
+    return Telemetry()
+
+
+@pytest.fixture
+def caplog_ctxguard(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="ctxguard")
+    return caplog
