@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import frames, telemetry
@@ -241,6 +241,8 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
         if open_ and open_[-1][_CTX] is self:
             record = open_.pop()
             index = len(open_)
+            if open_ and record[_SITE] is not None:
+                _keep_site(open_, self, record[_SITE])
         else:
             record, index = None, -1
         try:
@@ -265,6 +267,15 @@ _WRONG_MESSAGES = {
     telemetry.KIND_APP: "Popped wrong app context",
     telemetry.KIND_REQUEST: "Popped wrong request context",
 }
+
+
+def _keep_site(records: list[list[Any]], ctx: Any, site: Site) -> None:
+    """A context pushed twice and popped once stays open because of the later push
+    (``stream_with_context`` re-pushes the request's context in the view): the push
+    that remains takes that site if Flask made it on the user's behalf."""
+    index = _find(records, ctx)
+    if index >= 0 and records[index][_SITE] is None:
+        records[index][_SITE] = site
 
 
 def _is_wrong_context(exc: BaseException | None, kind: str) -> bool:
@@ -415,11 +426,19 @@ def open_contexts(
     now = _monotonic()
     if prune:
         w.open[:] = [r for r in w.open if not (r[_REPORTED] and _is_dead(r))]
-    return [
-        _view(record, now)
-        for record in list(w.open)
-        if request is None or record[_REQUEST] is request
-    ]
+    views = [_view(record, now) for record in list(w.open)]
+    # A context Flask pushed for a request (no site of its own) is reported with
+    # the site of the next push the same request made on this worker.
+    later: dict[int, Site] = {}
+    for i in range(len(views) - 1, -1, -1):
+        item = views[i]
+        if item.request is None:
+            continue
+        if item.site is None and id(item.request) in later:
+            views[i] = replace(item, site=later[id(item.request)])
+        elif item.site is not None:
+            later[id(item.request)] = item.site
+    return [v for v in views if request is None or v.request is request]
 
 
 def top(w: Worker) -> OpenContext | None:

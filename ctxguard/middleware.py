@@ -233,14 +233,18 @@ def _where(location: frames.Location | None) -> str:
 
 
 def _heal(w: Worker) -> None:
-    """Pop stale contexts from the top of this worker's stack so their teardown runs."""
+    """Pop stale contexts from the top of this worker's stack so their teardown runs.
+
+    Popping a request context may pop the app context it pushed too: every
+    context that left the ledger is counted.
+    """
     while True:
         item = ledger.top(w)
         if item is None or item.request is None or not item.current:
             return
-        ctx = item.context()
+        before = ledger.open_contexts(w, prune=False)
         try:
-            ctx.pop()
+            item.context().pop()
         except Exception as exc:
             # A teardown function failed; Flask still popped the context.
             telemetry.log_event(
@@ -249,9 +253,12 @@ def _heal(w: Worker) -> None:
                 item.kind,
                 exc,
             )
-        if ledger.top(w) is not None and ledger.top(w).handle is item.handle:
+        remaining = {id(other.handle) for other in ledger.open_contexts(w, prune=False)}
+        healed = [other for other in before if id(other.handle) not in remaining]
+        for other in healed:
+            telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: other.kind})
+        if not healed:
             return  # Flask could not pop it; do not loop.
-        telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: item.kind})
 
 
 class _Body:

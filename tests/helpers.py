@@ -64,3 +64,11 @@ def call(wsgi_app: Any, path: str = "/", **extra: Any) -> tuple[str, list[Any], 
         if close is not None:
             close()
     return status_headers[0], status_headers[1], data
+
+
+def line_of(path: str, marker: str) -> int:
+    """The line number of the only line of ``path`` containing ``marker`` (a comment)."""
+    with open(path, encoding="utf-8") as f:
+        found = [n for n, text in enumerate(f, start=1) if marker in text]
+    assert len(found) == 1, f"{marker!r} found {len(found)} times in {path}"
+    return found[0]
