@@ -55,6 +55,10 @@ _infrastructure_dirs: tuple[str, ...] = ()
 #: The standard library's directories; their site-packages is not the stdlib.
 _stdlib: tuple[str, ...] = ()
 _ctxguard_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: The demo's bundled app is user code that happens to ship inside ctxguard.
+_demo_file = _ctxguard_dir + "demo.py"
+#: Where Flask's contexts enter and push themselves: never a useful fallback site.
+_flask_ctx_file: str | None = None
 
 
 def _package_dirs(names: Iterable[str]) -> tuple[str, ...]:
@@ -86,10 +90,12 @@ def _stdlib_dirs() -> tuple[str, ...]:
 
 def refresh() -> None:
     """Work out the library directories again (after new packages were imported)."""
-    global _library_dirs, _infrastructure_dirs, _stdlib
+    global _library_dirs, _infrastructure_dirs, _stdlib, _flask_ctx_file
     _library_dirs = _package_dirs(LIBRARY_PACKAGES)
     _infrastructure_dirs = _package_dirs(INFRASTRUCTURE_PACKAGES)
     _stdlib = _stdlib_dirs()
+    flask_ctx = sys.modules.get("flask.ctx")
+    _flask_ctx_file = getattr(flask_ctx, "__file__", None)
     _kinds.clear()
 
 
@@ -106,7 +112,9 @@ def _classify(code: CodeType) -> int:
         kind = _INFRASTRUCTURE if filename.startswith("<frozen") else _USER
     else:
         path = os.path.abspath(filename)
-        if path.startswith(_library_dirs):
+        if path == _demo_file:
+            kind = _USER
+        elif path.startswith(_library_dirs):
             kind = _LIBRARY
         elif path.startswith(_infrastructure_dirs) or _is_stdlib(path):
             kind = _INFRASTRUCTURE
@@ -138,7 +146,11 @@ def user_site(depth: int = 2, limit: int = 16) -> Site | None:
         kind = _classify(code) if entry is None else entry[1]
         if kind == _USER:
             return code, frame.f_lasti
-        if fallback is None and not code.co_filename.startswith(_ctxguard_dir):
+        if (
+            fallback is None
+            and not code.co_filename.startswith(_ctxguard_dir)
+            and code.co_filename != _flask_ctx_file
+        ):
             fallback = (code, frame.f_lasti)
         if kind == _INFRASTRUCTURE:
             break

@@ -191,33 +191,43 @@ _getframe = __import__("sys")._getframe
 _monotonic = time.monotonic
 
 
+def _record_push(ctx: Any, kind: str, slot: int, is_request: bool, depth: int) -> None:
+    try:
+        try:
+            w = _local.worker
+        except AttributeError:
+            w = _new_worker()
+        request = w.request
+        caller = _getframe(depth - 1).f_code
+        if caller is _request_push_code:
+            # The application context Flask pushes for a request context.
+            site = None
+        elif caller is _wsgi_app_code:
+            # The request Flask is serving.
+            site = None
+            if is_request and request is not None and request.rule is None:
+                request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
+        else:
+            site = frames.user_site(depth)
+        w.open.append([ctx, kind, site, _monotonic(), request, False])
+        w.counts[slot] += 1
+    except Exception as exc:
+        telemetry.fault("ledger push", exc)
+
+
 def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     slot = _PUSH[kind]
     is_request = kind == telemetry.KIND_REQUEST
 
     def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
         try:
-            try:
-                w = _local.worker
-            except AttributeError:
-                w = _new_worker()
-            request = w.request
-            caller = _getframe(1).f_code
-            if caller is _request_push_code:
-                # The application context Flask pushes for a request context.
-                site = None
-            elif caller is _wsgi_app_code:
-                # The request Flask is serving.
-                site = None
-                if is_request and request is not None and request.rule is None:
-                    request.rule = getattr(getattr(self, "request", None), "url_rule", None)
-            else:
-                site = frames.user_site(2)
-            w.open.append([self, kind, site, _monotonic(), request, False])
-            w.counts[slot] += 1
-        except Exception as exc:
-            telemetry.fault("ledger push", exc)
+            result = original(self, *args, **kwargs)
+        except BaseException:
+            # A receiver of appcontext_pushed raised after the context became current.
+            if current(kind) is self:
+                _record_push(self, kind, slot, is_request, 3)
+            raise
+        _record_push(self, kind, slot, is_request, 3)
         return result
 
     push.__wrapped__ = original  # type: ignore[attr-defined]
@@ -299,49 +309,59 @@ def _after_pop(
     index: int,
     exc: BaseException | None,
 ) -> None:
-    """Reconcile the ledger after a pop that was not the plain case."""
+    """Reconcile the ledger after a pop that was not the plain case.
+
+    Only this worker's own list is restructured; another worker's records are
+    at most marked closed (one slot written), since that worker may be pushing
+    or popping at this very moment.
+    """
     try:
-        owner = w
         if record is None:
             index = _find(w.open, ctx)
             if index < 0:
-                owner = _find_owner(ctx)
-                index = _find(owner.open, ctx) if owner is not None else -1
-            if owner is not None and index >= 0:
-                record = owner.open.pop(index)
-        if record is None:
-            # Pushed before ctxguard was installed: nothing to reconcile.
-            if exc is None:
-                w.counts[_POP[kind, telemetry.OUTCOME_OK]] += 1
-            return
-        assert owner is not None
-        if owner is not w:
-            outcome = telemetry.OUTCOME_CROSS
-        elif _is_wrong_context(exc, kind):
-            outcome = telemetry.OUTCOME_WRONG
-        else:
-            outcome = telemetry.OUTCOME_OK
+                _pop_elsewhere(w, ctx, kind, exc)
+                return
+            record = w.open.pop(index)
+        wrong = _is_wrong_context(exc, kind)
+        outcome = telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK
         w.counts[_POP[kind, outcome]] += 1
-
-        popped = exc is None or _is_wrong_context(exc, kind) or current(kind) is not ctx
-        if owner is not w and exc is not None:
-            popped = False  # Flask refused: the context is still current over there.
-        if not popped:
-            owner.open.insert(min(index, len(owner.open)), record)
-        if outcome == telemetry.OUTCOME_WRONG:
-            _orphan_above(owner, kind, index)
-        if outcome != telemetry.OUTCOME_OK:
-            location = frames.describe(frames.user_site(3))
-            telemetry.log_event(
-                ("pop", outcome, location),
-                "ctxguard: %s context popped with outcome %s at %s (%s)",
-                kind,
-                outcome,
-                _where(location),
-                f"{type(exc).__name__}: {exc}" if exc is not None else "no error raised",
-            )
+        if not (exc is None or wrong or current(kind) is not ctx):
+            w.open.insert(min(index, len(w.open)), record)  # Flask could not pop it
+        if wrong:
+            _orphan_above(w, kind, index)
+            _log_pop(kind, outcome, exc)
     except Exception as error:
         telemetry.fault("ledger pop", error)
+
+
+def _pop_elsewhere(w: Worker, ctx: Any, kind: str, exc: BaseException | None) -> None:
+    """A pop of a context pushed on another worker (or before ctxguard was installed)."""
+    owner = _find_owner(ctx)
+    if owner is None:
+        # Pushed before ctxguard was installed: nothing to reconcile.
+        if exc is None:
+            w.counts[_POP[kind, telemetry.OUTCOME_OK]] += 1
+        return
+    w.counts[_POP[kind, telemetry.OUTCOME_CROSS]] += 1
+    if exc is None:
+        # Flask managed it (both workers share one contextvars context).
+        for record in list(owner.open):
+            if record[_CTX] is ctx:
+                record[_CTX] = None
+                break
+    _log_pop(kind, telemetry.OUTCOME_CROSS, exc)
+
+
+def _log_pop(kind: str, outcome: str, exc: BaseException | None) -> None:
+    location = frames.describe(frames.user_site(4))
+    telemetry.log_event(
+        ("pop", outcome, location),
+        "ctxguard: %s context popped with outcome %s at %s (%s)",
+        kind,
+        outcome,
+        _where(location),
+        f"{type(exc).__name__}: {exc}" if exc is not None else "no error raised",
+    )
 
 
 def _orphan_above(w: Worker, kind: str, index: int) -> None:
@@ -354,7 +374,7 @@ def _orphan_above(w: Worker, kind: str, index: int) -> None:
     """
     for record in w.open[index:]:
         ctx = record[_CTX]
-        if record[_KIND] == kind and not isinstance(ctx, weakref.ref):
+        if record[_KIND] == kind and ctx is not None and not isinstance(ctx, weakref.ref):
             record[_CTX] = weakref.ref(ctx)
 
 
@@ -394,7 +414,8 @@ class OpenContext:
     @property
     def reachable(self) -> bool:
         """False once Flask can never pop it (a wrong-order pop jumped past it)."""
-        return not isinstance(self.handle[_CTX], weakref.ref)
+        ctx = self.handle[_CTX]
+        return ctx is not None and not isinstance(ctx, weakref.ref)
 
     def context(self) -> Any:
         ctx = self.handle[_CTX]
@@ -425,7 +446,9 @@ def open_contexts(
     """
     now = _monotonic()
     if prune:
-        w.open[:] = [r for r in w.open if not (r[_REPORTED] and _is_dead(r))]
+        w.open[:] = [
+            r for r in w.open if r[_CTX] is not None and not (r[_REPORTED] and _is_dead(r))
+        ]
     views = [_view(record, now) for record in list(w.open)]
     # A context Flask pushed for a request (no site of its own) is reported with
     # the site of the next push the same request made on this worker.
@@ -452,8 +475,9 @@ def needs_attention(w: Worker) -> bool:
 
 
 def _is_dead(record: list[Any]) -> bool:
+    """Closed by another worker's pop, or unreachable and already collected."""
     ctx = record[_CTX]
-    return isinstance(ctx, weakref.ref) and ctx() is None
+    return ctx is None or (isinstance(ctx, weakref.ref) and ctx() is None)
 
 
 def mark_reported(item: OpenContext) -> None:

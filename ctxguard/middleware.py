@@ -73,8 +73,9 @@ class CtxGuardMiddleware:
             debug = bool(getattr(app, "debug", False)) if app is not None else False
             testing = bool(getattr(app, "testing", False)) if app is not None else False
         except Exception as exc:
+            # Unknown: alter nothing (a testing app must keep its preserved contexts).
             telemetry.fault("environment", exc)
-            debug = testing = False
+            return self.options.environment or "development"
         return self.options.environment_for(debug, testing)
 
     def check_app(self, *, refuse: bool = True) -> list[policy.Violation]:
@@ -97,22 +98,25 @@ class CtxGuardMiddleware:
     # -- the request
 
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
-        if self.options.disabled:
-            return self.wsgi_app(environ, start_response)
-        try:
-            w = ledger.worker()
-            if w.request is not None or not process.installed():
-                # Inside another guarded request (two middlewares), or uninstalled.
-                return self.wsgi_app(environ, start_response)
-            if not self._first_request_seen:
-                self._first_request(environ)
-            if policy.PRESERVE_KEY in environ:
-                self._preserve_key(environ)
-            if w.open:
-                self._check_start(w)
-            info = RequestInfo(environ.get("REQUEST_METHOD"))
-        except Exception as exc:
-            telemetry.fault("middleware", exc)
+        info = w = None
+        if not self.options.disabled:
+            try:
+                w = ledger.worker()
+                # Not inside another guarded request (two middlewares), and installed.
+                if w.request is None and process.installed():
+                    if not self._first_request_seen:
+                        self._first_request(environ)
+                    if policy.PRESERVE_KEY in environ:
+                        self._preserve_key(environ)
+                    if w.open:
+                        self._check_start(w)
+                    info = RequestInfo(environ.get("REQUEST_METHOD"))
+            except Exception as exc:
+                telemetry.fault("middleware", exc)
+                info = None
+        # Called outside any handler of ctxguard's own errors, so the app runs once
+        # and its exceptions carry no context from ctxguard.
+        if info is None or w is None:
             return self.wsgi_app(environ, start_response)
 
         w.request = info

@@ -1,0 +1,276 @@
+"""Options: environment variables over defaults, explicit arguments over both, clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flask
+import pytest
+from flask import Flask
+from helpers import call, make_app
+
+import ctxguard
+
+HEALED = "ctxguard.context.healed"
+VIOLATIONS = "ctxguard.policy.violations"
+PRESERVE_ENVIRON = {"ctxguard.policy.rule": "preserve_context_environ"}
+
+
+def stale_app() -> Flask:
+    """An app whose streamed body pushes an app context and never pops it, leaving it
+    current on the worker for the next request (the flask#6123 shape)."""
+    app = make_app()
+
+    @app.route("/stream")
+    def stream() -> Any:
+        def chunks() -> Any:
+            app.app_context().push()
+            yield b"streamed"
+
+        return app.response_class(chunks())
+
+    return app
+
+
+def heals(app: Flask) -> bool:
+    """Run a request that leaves a stale context, then one more: was the stale one popped?"""
+    assert call(app, "/stream")[2] == b"streamed"
+    before = len(app.teardowns)  # type: ignore[attr-defined]
+    assert call(app, "/")[2] == b"hello"
+    # Healed: the stale context's teardown ran, then the request's own app context's.
+    # Not healed: the request reused the stale context and no teardown ran at all.
+    return len(app.teardowns) - before == 2  # type: ignore[attr-defined]
+
+
+def preserves_context(app: Flask) -> bool:
+    """Does the test client's ``with client:`` keep the request context after the request?"""
+    with app.test_client() as client:
+        assert client.get("/").data == b"hello"
+        return flask.has_request_context() and flask.request.path == "/"
+
+
+# -- environment
+
+
+def test_environment_variable_overrides_the_derived_environment(monkeypatch, telemetry):
+    """CTXGUARD_ENVIRONMENT=testing on an app that looks like production: the production
+    rule that strips the preserve-context key does not apply."""
+    monkeypatch.setenv("CTXGUARD_ENVIRONMENT", "testing")
+    app = make_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert preserves_context(app)
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+def test_explicit_environment_beats_the_variable(monkeypatch, telemetry):
+    """environment="production" in code wins over CTXGUARD_ENVIRONMENT=testing."""
+    monkeypatch.setenv("CTXGUARD_ENVIRONMENT", "testing")
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert not preserves_context(app)
+    assert telemetry.value(VIOLATIONS, PRESERVE_ENVIRON) == 1
+
+
+def test_production_is_the_default_for_a_plain_app(telemetry):
+    """Neither debug nor testing: production, so the preserve-context key is stripped."""
+    app = make_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert not preserves_context(app)
+    assert telemetry.value(VIOLATIONS, PRESERVE_ENVIRON) == 1
+
+
+def test_testing_app_is_left_alone(telemetry):
+    """app.testing: the test client's ``with client:`` keeps working."""
+    app = make_app(TESTING=True)
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert preserves_context(app)
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+def test_debug_app_is_development(telemetry):
+    """app.debug: development, never altered; even the strict policy does not refuse it."""
+    app = make_app(DEBUG=True)
+    ctxguard.CtxGuard(app, policy="strict", **telemetry.providers)
+    assert preserves_context(app)
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+def test_app_switched_to_testing_after_init_is_testing(telemetry):
+    """Test suites often build the app with CtxGuard in a factory, then set app.testing in a
+    fixture: requests must then be treated as testing."""
+    app = make_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    app.testing = True
+    with app.test_client() as client:
+        client.get("/")
+        assert flask.request.path == "/"
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+# -- policy
+
+
+def test_policy_variable_strict_refuses_a_debug_app_in_production(monkeypatch, telemetry):
+    """CTXGUARD_POLICY=strict: a debug-mode app forced to production does not start."""
+    monkeypatch.setenv("CTXGUARD_POLICY", "strict")
+    app = make_app(DEBUG=True)
+    original = app.wsgi_app
+    with pytest.raises(ctxguard.PolicyError, match="debug_mode"):
+        ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert app.wsgi_app == original
+
+
+def test_policy_variable_is_the_default_only(monkeypatch, telemetry):
+    """An explicit policy="warn" wins over CTXGUARD_POLICY=strict: reported, not refused."""
+    monkeypatch.setenv("CTXGUARD_POLICY", "strict")
+    app = make_app(DEBUG=True)
+    ctxguard.CtxGuard(app, environment="production", policy="warn", **telemetry.providers)
+    assert (
+        telemetry.value(
+            VIOLATIONS, {"ctxguard.policy.rule": "debug_mode", "ctxguard.policy.action": "reported"}
+        )
+        == 1
+    )
+
+
+def test_policy_variable_off_reports_nothing(monkeypatch, telemetry):
+    """CTXGUARD_POLICY=off: a production request carrying the preserve key is left as is."""
+    monkeypatch.setenv("CTXGUARD_POLICY", "off")
+    app = make_app(DEBUG=True)
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert preserves_context(app)
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+# -- heal
+
+
+def test_production_heals_by_default(telemetry):
+    """Healing is on in production unless told otherwise."""
+    app = stale_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert heals(app)
+    assert telemetry.value(HEALED) == 1
+
+
+def test_heal_variable_switches_healing_off(monkeypatch, telemetry):
+    """CTXGUARD_HEAL=0 in production: the stale context is reported but left in place."""
+    monkeypatch.setenv("CTXGUARD_HEAL", "0")
+    app = stale_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert not heals(app)
+    assert telemetry.value(HEALED) == 0
+
+
+def test_explicit_heal_beats_the_variable(monkeypatch, telemetry):
+    """heal=True in code wins over CTXGUARD_HEAL=0."""
+    monkeypatch.setenv("CTXGUARD_HEAL", "0")
+    app = stale_app()
+    ctxguard.CtxGuard(app, heal=True, **telemetry.providers)
+    assert heals(app)
+    assert telemetry.value(HEALED) == 1
+
+
+def test_heal_variable_switches_healing_on_outside_production(monkeypatch, telemetry):
+    """CTXGUARD_HEAL=1 heals in testing too, where the default is off."""
+    monkeypatch.setenv("CTXGUARD_HEAL", "1")
+    app = stale_app()
+    app.testing = True
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert heals(app)
+    assert telemetry.value(HEALED) == 1
+
+
+def test_testing_does_not_heal_by_default(telemetry):
+    """Without CTXGUARD_HEAL a testing app is observed, not changed."""
+    app = stale_app()
+    app.testing = True
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert not heals(app)
+    assert telemetry.value(HEALED) == 0
+
+
+# -- bad values
+
+ALLOWED = {
+    "CTXGUARD_ENVIRONMENT": ("production", "development", "testing"),
+    "CTXGUARD_POLICY": ("enforce", "warn", "strict", "off"),
+    "CTXGUARD_HEAL": ("true", "false"),
+    "CTXGUARD_DISABLED": ("true", "false"),
+}
+
+
+def guard_extension(**kwargs: Any) -> Any:
+    return ctxguard.CtxGuard(make_app(), **kwargs)
+
+
+def guard_middleware(**kwargs: Any) -> Any:
+    app = make_app()
+    return ctxguard.CtxGuardMiddleware(app.wsgi_app, app=app, **kwargs)
+
+
+ENTRY_POINTS: list[Callable[..., Any]] = [guard_extension, guard_middleware]
+
+
+def test_config_error_is_a_value_error():
+    """Code that already catches ValueError around its set-up keeps working."""
+    assert issubclass(ctxguard.ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=["CtxGuard", "CtxGuardMiddleware"])
+@pytest.mark.parametrize("variable", sorted(ALLOWED))
+def test_bad_variable_names_itself_and_the_allowed_values(monkeypatch, telemetry, entry, variable):
+    """A typo in a deployment's environment fails at start-up with a message that says
+    which variable is wrong and what it may be, instead of being silently ignored."""
+    monkeypatch.setenv(variable, "bogus-value")
+    originals = (vars(flask.ctx.AppContext)["push"], vars(flask.ctx.RequestContext)["push"])
+    with pytest.raises(ctxguard.ConfigError) as excinfo:
+        entry(**telemetry.providers)
+    message = str(excinfo.value)
+    assert variable in message
+    assert "bogus-value" in message
+    for value in ALLOWED[variable]:
+        assert value in message
+    # Nothing was half set up.
+    assert vars(flask.ctx.AppContext)["push"] is originals[0]
+    assert vars(flask.ctx.RequestContext)["push"] is originals[1]
+
+
+def test_bad_disabled_variable_fails_install(monkeypatch, telemetry):
+    """install() (workers, scripts) reads CTXGUARD_DISABLED too, and reports it the same way."""
+    monkeypatch.setenv("CTXGUARD_DISABLED", "perhaps")
+    with pytest.raises(ctxguard.ConfigError) as excinfo:
+        ctxguard.install(**telemetry.providers)
+    assert "CTXGUARD_DISABLED" in str(excinfo.value)
+    assert "true" in str(excinfo.value) and "false" in str(excinfo.value)
+
+
+BAD_ARGUMENTS = {
+    "environment": ("prod", ("production", "development", "testing")),
+    "policy": ("strictest", ("enforce", "warn", "strict", "off")),
+    "heal": ("yes", ("True", "False")),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=["CtxGuard", "CtxGuardMiddleware"])
+@pytest.mark.parametrize("argument", sorted(BAD_ARGUMENTS))
+def test_bad_argument_names_itself_and_the_allowed_values(telemetry, entry, argument):
+    """A wrong argument fails where it was written, naming the argument and its values."""
+    value, allowed = BAD_ARGUMENTS[argument]
+    with pytest.raises(ctxguard.ConfigError) as excinfo:
+        entry(**{argument: value}, **telemetry.providers)
+    message = str(excinfo.value)
+    assert argument in message
+    assert repr(value) in message
+    for choice in allowed:
+        assert choice in message
+
+
+def test_bad_argument_fails_before_the_app_is_touched(telemetry):
+    """CtxGuard(environment=...) with a typo leaves the app exactly as it was."""
+    app = make_app()
+    with pytest.raises(ctxguard.ConfigError):
+        ctxguard.CtxGuard(app, policy="enforced", **telemetry.providers)
+    assert "wsgi_app" not in vars(app)
+    assert "ctxguard" not in app.extensions
