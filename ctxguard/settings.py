@@ -93,7 +93,7 @@ def resolve(
     if heal is not None:
         if not isinstance(heal, bool):
             raise ConfigError(f"heal={heal!r} is not valid: expected True, False or None")
-    elif os.environ.get(ENV_HEAL) is not None:
+    elif os.environ.get(ENV_HEAL):
         heal = _flag(os.environ[ENV_HEAL], ENV_HEAL)
 
     return Options(environment=environment, policy=policy, heal=heal, disabled=disabled())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -166,11 +165,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("gunicorn") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "gunicorn")),
-    reason="gunicorn is a test dependency: pip install -e '.[test]'",
-)
 def test_gunicorn_sync_worker_import_time_push(tmp_path):
     """gunicorn's sync worker serves requests on the thread that imported the app: an
     import-time ``app.app_context().push()`` makes every request share ``g``. ctxguard

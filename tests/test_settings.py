@@ -163,6 +163,15 @@ def test_heal_variable_switches_healing_off(monkeypatch, telemetry):
     assert telemetry.value(HEALED) == 0
 
 
+def test_empty_heal_variable_counts_as_not_set(monkeypatch, telemetry):
+    """CTXGUARD_HEAL= (empty, as deployment templates often leave it) keeps the default."""
+    monkeypatch.setenv("CTXGUARD_HEAL", "")
+    app = stale_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert heals(app)
+    assert telemetry.value(HEALED) == 1
+
+
 def test_explicit_heal_beats_the_variable(monkeypatch, telemetry):
     """heal=True in code wins over CTXGUARD_HEAL=0."""
     monkeypatch.setenv("CTXGUARD_HEAL", "0")
