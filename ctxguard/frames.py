@@ -13,7 +13,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable
-from types import CodeType
+from types import CodeType, FrameType
 from typing import NamedTuple
 
 Site = tuple[CodeType, int]
@@ -47,9 +47,9 @@ _LIBRARY = 1
 _INFRASTRUCTURE = 2
 _USER = 0
 
-# Keyed by id(code): hashing a code object is slow. The entry keeps the code
-# object alive, so its id cannot be reused while it is cached.
-_kinds: dict[int, tuple[CodeType, int]] = {}
+# Keyed by the code's file name: a str caches its hash, so the lookup is cheap
+# (hashing a code object is not), and every frame of one file is of one kind.
+_kinds: dict[str, int] = {}
 _library_dirs: tuple[str, ...] = ()
 _infrastructure_dirs: tuple[str, ...] = ()
 #: The standard library's directories; their site-packages is not the stdlib.
@@ -106,8 +106,7 @@ def _is_stdlib(path: str) -> bool:
     return False
 
 
-def _classify(code: CodeType) -> int:
-    filename = code.co_filename
+def _classify(filename: str) -> int:
     if filename.startswith("<"):
         kind = _INFRASTRUCTURE if filename.startswith("<frozen") else _USER
     else:
@@ -122,34 +121,41 @@ def _classify(code: CodeType) -> int:
             kind = _USER
     if len(_kinds) > 50_000:
         _kinds.clear()
-    _kinds[id(code)] = (code, kind)
+    _kinds[filename] = kind
     return kind
 
 
 def user_site(depth: int = 2, limit: int = 16) -> Site | None:
-    """The caller's site, skipping library frames.
-
-    ``depth`` counts from the caller of this function. When no user frame is
-    found before the server or the interpreter, the first frame that is not
-    ctxguard's is returned instead (for example Flask's own
-    ``stream_with_context`` generator), so a site is never lost.
-    """
+    """The site of the caller ``depth`` frames up, skipping library frames."""
     try:
         frame = _getframe(depth)
     except ValueError:
         return None
+    return site_from(frame, limit)
+
+
+def site_from(frame: FrameType | None, limit: int = 16) -> Site | None:
+    """The first user frame from ``frame`` outwards.
+
+    When no user frame is found before the server or the interpreter, the
+    first frame that is neither ctxguard's nor Flask's context machinery is
+    returned instead (for example Flask's own ``stream_with_context``
+    generator), so a site is never lost.
+    """
     fallback = None
     kinds = _kinds
     while frame is not None and limit:
         code = frame.f_code
-        entry = kinds.get(id(code))
-        kind = _classify(code) if entry is None else entry[1]
+        filename = code.co_filename
+        kind = kinds.get(filename)
+        if kind is None:
+            kind = _classify(filename)
         if kind == _USER:
             return code, frame.f_lasti
         if (
             fallback is None
-            and not code.co_filename.startswith(_ctxguard_dir)
-            and code.co_filename != _flask_ctx_file
+            and not filename.startswith(_ctxguard_dir)
+            and filename != _flask_ctx_file
         ):
             fallback = (code, frame.f_lasti)
         if kind == _INFRASTRUCTURE:

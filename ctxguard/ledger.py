@@ -16,6 +16,7 @@ read and changed only through the functions of this module.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -37,19 +38,27 @@ _PUSHED_AT = 3
 _REQUEST = 4
 _REPORTED = 5  # the leak was reported (once per context)
 
-# Counter slots of a worker.
-_PUSH = {telemetry.KIND_APP: 0, telemetry.KIND_REQUEST: 1}
-_POP = {
-    (kind, outcome): index
-    for index, (kind, outcome) in enumerate(
-        itertools.product(
-            (telemetry.KIND_APP, telemetry.KIND_REQUEST),
-            (telemetry.OUTCOME_OK, telemetry.OUTCOME_WRONG, telemetry.OUTCOME_CROSS),
-        ),
-        start=2,
-    )
-}
-_SLOTS = 2 + len(_POP)
+# Counters. ``next()`` on an ``itertools.count`` is one C call, atomic under the
+# GIL: exact across threads without a lock, and cheaper than any Python-level
+# increment. ``_value`` reads one back.
+_KINDS = (telemetry.KIND_APP, telemetry.KIND_REQUEST)
+_OUTCOMES = (telemetry.OUTCOME_OK, telemetry.OUTCOME_WRONG, telemetry.OUTCOME_CROSS)
+_pushes: dict[str, Any] = {}
+_pops: dict[tuple[str, str], Any] = {}
+
+
+def _reset_counters() -> None:
+    _pushes.update({kind: itertools.count() for kind in _KINDS})
+    _pops.update({key: itertools.count() for key in itertools.product(_KINDS, _OUTCOMES)})
+
+
+def _value(counter: Any) -> int:
+    """How many times ``next()`` was called on a fresh ``itertools.count()``."""
+    text = repr(counter)  # "count(N)"
+    return int(text[text.index("(") + 1 : -1])
+
+
+_reset_counters()
 
 _METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -91,28 +100,26 @@ class RequestInfo:
 
 
 class Worker:
-    """One worker's open contexts and counters.
+    """One worker's open contexts.
 
     ``request`` is the request this worker is running code for right now
     (set by the middleware), so pushes can be attributed to it.
     """
 
-    __slots__ = ("__weakref__", "counts", "ident", "name", "open", "request", "serial")
+    __slots__ = ("__weakref__", "ident", "name", "open", "request", "serial")
 
     def __init__(self, serial: int) -> None:
         thread = threading.current_thread()
         self.open: list[list[Any]] = []
-        self.counts = [0] * _SLOTS
         self.request: RequestInfo | None = None
         self.ident = threading.get_ident()
         self.name = thread.name
         self.serial = serial
 
 
-# Live workers by serial number, with their counters; the counters of workers
-# whose thread has ended are folded into ``_retired`` at collection time.
-_workers: dict[int, tuple[weakref.ref[Worker], list[int]]] = {}
-_retired = [0] * _SLOTS
+# Live workers by serial number. A worker lives as long as its thread's
+# ``threading.local`` storage: when the thread ends its open list goes with it.
+_workers: dict[int, weakref.ref[Worker]] = {}
 _registry_lock = threading.Lock()
 _serials = itertools.count(1)
 _local: Any = threading.local()
@@ -122,7 +129,7 @@ def _new_worker() -> Worker:
     worker = Worker(next(_serials))
     _local.worker = worker
     with _registry_lock:
-        _workers[worker.serial] = (weakref.ref(worker), worker.counts)
+        _workers[worker.serial] = weakref.ref(worker)
     return worker
 
 
@@ -135,14 +142,12 @@ def worker() -> Worker:
 
 
 def live_workers() -> list[Worker]:
-    """Every worker whose thread is alive, folding the counters of the others."""
+    """Every worker whose thread is alive."""
     alive = []
     with _registry_lock:
-        for serial, (ref, counts) in list(_workers.items()):
+        for serial, ref in list(_workers.items()):
             w = ref()
             if w is None:
-                for i, value in enumerate(counts):
-                    _retired[i] += value
                 del _workers[serial]
             else:
                 alive.append(w)
@@ -191,86 +196,129 @@ _getframe = __import__("sys")._getframe
 _monotonic = time.monotonic
 
 
-def _record_push(ctx: Any, kind: str, slot: int, is_request: bool, depth: int) -> None:
-    try:
+def _recorder(kind: str) -> Callable[[Any, Any], None]:
+    """What a push of this kind records, given the frame that called ``push``."""
+    counter = _pushes[kind]
+    is_request = kind == telemetry.KIND_REQUEST
+
+    def record(ctx: Any, frame: Any) -> None:
         try:
-            w = _local.worker
-        except AttributeError:
-            w = _new_worker()
-        request = w.request
-        caller = _getframe(depth - 1).f_code
-        if caller is _request_push_code:
-            # The application context Flask pushes for a request context.
-            site = None
-        elif caller is _wsgi_app_code:
-            # The request Flask is serving.
-            site = None
-            if is_request and request is not None and request.rule is None:
-                request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
-        else:
-            site = frames.user_site(depth)
-        w.open.append([ctx, kind, site, _monotonic(), request, False])
-        w.counts[slot] += 1
-    except Exception as exc:
-        telemetry.fault("ledger push", exc)
+            try:
+                w = _local.worker
+            except AttributeError:
+                w = _new_worker()
+            request = w.request
+            code = frame.f_code
+            if code is _request_push_code or code is _wsgi_app_code:
+                # Flask pushing for the request it serves: no user site.
+                site = None
+                if is_request and request is not None and request.rule is None:
+                    request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
+            else:
+                site = frames.site_from(frame)
+            w.open.append([ctx, kind, site, _monotonic(), request, False])
+            next(counter)
+        except Exception as exc:
+            telemetry.fault("ledger push", exc)
+
+    return record
+
+
+def _takes(func: Callable[..., Any], names: list[str]) -> bool:
+    """Does ``func`` take exactly these parameters (Flask's own signature)?"""
+    try:
+        return list(inspect.signature(func).parameters) == names
+    except (TypeError, ValueError):
+        return False
 
 
 def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
-    slot = _PUSH[kind]
-    is_request = kind == telemetry.KIND_REQUEST
+    record = _recorder(kind)
 
-    def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException:
-            # A receiver of appcontext_pushed raised after the context became current.
-            if current(kind) is self:
-                _record_push(self, kind, slot, is_request, 3)
-            raise
-        _record_push(self, kind, slot, is_request, 3)
-        return result
+    if _takes(original, ["self"]):
+        # Flask's own signature: no *args packing on every request.
+        def push(self: Any) -> None:
+            try:
+                original(self)
+            except BaseException:
+                # A receiver of appcontext_pushed raised after the context became current.
+                if current(kind) is self:
+                    record(self, _getframe(1))
+                raise
+            record(self, _getframe(1))
 
-    push.__wrapped__ = original  # type: ignore[attr-defined]
-    push.__name__ = original.__name__
-    push.__qualname__ = original.__qualname__
-    push.__doc__ = original.__doc__
-    return push
+    else:
+
+        def push(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            try:
+                result = original(self, *args, **kwargs)
+            except BaseException:
+                if current(kind) is self:
+                    record(self, _getframe(1))
+                raise
+            record(self, _getframe(1))
+            return result
+
+    return _like(push, original)
 
 
 def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
-    ok_slot = _POP[kind, telemetry.OUTCOME_OK]
+    ok = _pops[kind, telemetry.OUTCOME_OK]
 
-    def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def take(self: Any) -> tuple[Worker, list[Any] | None]:
+        """Take the context's record off first: popping a request context pops
+        its application context inside it, which then finds its own on top."""
         try:
             w = _local.worker
         except AttributeError:
             w = _new_worker()
-        # Take the record off first: popping a request context pops its
-        # application context inside it, which then finds its own on top.
         open_ = w.open
         if open_ and open_[-1][_CTX] is self:
             record = open_.pop()
-            index = len(open_)
             if open_ and record[_SITE] is not None:
                 _keep_site(open_, self, record[_SITE])
-        else:
-            record, index = None, -1
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException as exc:
-            _after_pop(w, self, kind, record, index, exc)
-            raise
-        if record is not None:
-            w.counts[ok_slot] += 1
-        else:
-            _after_pop(w, self, kind, None, -1, None)
-        return result
+            return w, record
+        return w, None
 
-    pop.__wrapped__ = original  # type: ignore[attr-defined]
-    pop.__name__ = original.__name__
-    pop.__qualname__ = original.__qualname__
-    pop.__doc__ = original.__doc__
-    return pop
+    defaults = getattr(original, "__defaults__", None)
+    if _takes(original, ["self", "exc"]) and defaults and len(defaults) == 1:
+        sentinel = defaults[0]
+
+        # Flask's own signature: no *args packing on every request.
+        def pop(self: Any, exc: Any = sentinel) -> None:
+            w, record = take(self)
+            try:
+                original(self, exc)
+            except BaseException as error:
+                _after_pop(w, self, kind, record, error)
+                raise
+            if record is None:
+                _after_pop(w, self, kind, None, None)
+            else:
+                next(ok)
+
+    else:
+
+        def pop(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            w, record = take(self)
+            try:
+                result = original(self, *args, **kwargs)
+            except BaseException as error:
+                _after_pop(w, self, kind, record, error)
+                raise
+            if record is None:
+                _after_pop(w, self, kind, None, None)
+            else:
+                next(ok)
+            return result
+
+    return _like(pop, original)
+
+
+def _like(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    """Give the wrapper the original's identity attributes."""
+    functools.update_wrapper(wrapper, original)
+    return wrapper
 
 
 _WRONG_MESSAGES = {
@@ -306,7 +354,6 @@ def _after_pop(
     ctx: Any,
     kind: str,
     record: list[Any] | None,
-    index: int,
     exc: BaseException | None,
 ) -> None:
     """Reconcile the ledger after a pop that was not the plain case.
@@ -322,14 +369,15 @@ def _after_pop(
                 _pop_elsewhere(w, ctx, kind, exc)
                 return
             record = w.open.pop(index)
+        else:
+            index = len(w.open)  # it was on top
         wrong = _is_wrong_context(exc, kind)
-        outcome = telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK
-        w.counts[_POP[kind, outcome]] += 1
+        next(_pops[kind, telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK])
         if not (exc is None or wrong or current(kind) is not ctx):
             w.open.insert(min(index, len(w.open)), record)  # Flask could not pop it
         if wrong:
             _orphan_above(w, kind, index)
-            _log_pop(kind, outcome, exc)
+            _log_pop(kind, telemetry.OUTCOME_WRONG, exc)
     except Exception as error:
         telemetry.fault("ledger pop", error)
 
@@ -340,9 +388,9 @@ def _pop_elsewhere(w: Worker, ctx: Any, kind: str, exc: BaseException | None) ->
     if owner is None:
         # Pushed before ctxguard was installed: nothing to reconcile.
         if exc is None:
-            w.counts[_POP[kind, telemetry.OUTCOME_OK]] += 1
+            next(_pops[kind, telemetry.OUTCOME_OK])
         return
-    w.counts[_POP[kind, telemetry.OUTCOME_CROSS]] += 1
+    next(_pops[kind, telemetry.OUTCOME_CROSS])
     if exc is None:
         # Flask managed it (both workers share one contextvars context).
         for record in list(owner.open):
@@ -503,21 +551,17 @@ def record_current_context(w: Worker) -> None:
 
 def observations() -> dict[str, list[tuple[dict[str, str], int]]]:
     """Cumulative pushes and pops, and contexts open now, for the observable instruments."""
-    workers = live_workers()
-    totals = list(_retired)
-    open_by_kind = dict.fromkeys(_PUSH, 0)
-    for w in workers:
-        for i, value in enumerate(w.counts):
-            totals[i] += value
+    open_by_kind = dict.fromkeys(_KINDS, 0)
+    for w in live_workers():
         for record in list(w.open):
             if not _is_dead(record):
                 open_by_kind[record[_KIND]] += 1
     kind_key = telemetry.CONTEXT_KIND
     return {
-        telemetry.PUSHES: [({kind_key: kind}, totals[slot]) for kind, slot in _PUSH.items()],
+        telemetry.PUSHES: [({kind_key: kind}, _value(c)) for kind, c in _pushes.items()],
         telemetry.POPS: [
-            ({kind_key: kind, telemetry.POP_OUTCOME: outcome}, totals[slot])
-            for (kind, outcome), slot in _POP.items()
+            ({kind_key: kind, telemetry.POP_OUTCOME: outcome}, _value(c))
+            for (kind, outcome), c in _pops.items()
         ],
         telemetry.OPEN: [({kind_key: kind}, n) for kind, n in open_by_kind.items()],
     }
@@ -574,5 +618,5 @@ def reset() -> None:
     global _local
     with _registry_lock:
         _workers.clear()
-        _retired[:] = [0] * _SLOTS
+        _reset_counters()
         _local = threading.local()

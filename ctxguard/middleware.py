@@ -15,13 +15,14 @@ that is not is reported (``request_end``) with its push site.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import frames, ledger, policy, process, settings, telemetry
 from .ledger import OpenContext, RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
+_worker = ledger.worker
 
 
 def flask_app_of(wsgi_app: Any) -> Any:
@@ -172,16 +173,22 @@ class CtxGuardMiddleware:
         if self.options.heal_for(environment):
             _heal(w)
 
-    def _check_end(self, w: Worker, info: RequestInfo) -> None:
-        """After the request: anything it pushed and did not pop is a leak."""
+    def _check_end(self, w: Worker, info: RequestInfo, here: Worker | None = None) -> None:
+        """After the request: anything it pushed and did not pop is a leak.
+
+        ``w`` ran the app; ``here`` is the worker the check runs on (it may
+        have iterated or closed the body), if already known.
+        """
+        if not w.open and (here is None or here is w or not here.open):
+            return  # the usual case: nothing open anywhere
         try:
-            here = ledger.worker()
-            for owner in {w, here}:
-                if not owner.open:
-                    continue
-                for item in ledger.open_contexts(owner, info, prune=owner is here):
-                    if not item.reported:
-                        _report_leak(item, owner, telemetry.SITE_REQUEST_END)
+            if here is None:
+                here = ledger.worker()
+            for owner in (w,) if here is w else (w, here):
+                if owner.open:
+                    for item in ledger.open_contexts(owner, info, prune=owner is here):
+                        if not item.reported:
+                            _report_leak(item, owner, telemetry.SITE_REQUEST_END)
         except Exception as exc:
             telemetry.fault("request end check", exc)
 
@@ -265,6 +272,9 @@ def _heal(w: Worker) -> None:
             return  # Flask could not pop it; do not loop.
 
 
+_EXHAUSTED = iter(()).__next__
+
+
 class _Body:
     """The response iterable, so the request's end can be checked when it is closed.
 
@@ -273,13 +283,13 @@ class _Body:
     ``close()``, the check runs when it is finalised, on whatever thread that is.
     """
 
-    __slots__ = ("_body", "_closed", "_guard", "_info", "_iter", "_worker")
+    __slots__ = ("_body", "_closed", "_guard", "_info", "_next", "_worker")
 
     def __init__(
         self, body: Iterable[bytes], guard: CtxGuardMiddleware, w: Worker, info: RequestInfo
     ):
         self._body: Any = body
-        self._iter: Iterator[bytes] | None = iter(body)
+        self._next: Callable[[], bytes] = iter(body).__next__
         self._guard = guard
         self._worker = w
         self._info = info
@@ -289,34 +299,26 @@ class _Body:
         return self
 
     def __next__(self) -> bytes:
-        it = self._iter
-        if it is None:
-            raise StopIteration
-        w = ledger.worker()
-        previous = w.request
+        # A streamed body pushes contexts while it runs: they are the request's.
+        w = _worker()  # the server may iterate on another thread than the app ran on
         w.request = self._info
         try:
-            return next(it)
+            return self._next()
         finally:
-            w.request = previous
+            w.request = None
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        body, self._body, self._iter = self._body, None, None
+        body, self._body, self._next = self._body, None, _EXHAUSTED
         close = getattr(body, "close", None)
+        del body
         try:
             if close is not None:
-                w = ledger.worker()
-                previous = w.request
-                w.request = self._info
-                try:
-                    close()
-                finally:
-                    w.request = previous
+                close()
         finally:
-            del body, close
+            del close
             self._guard._check_end(self._worker, self._info)
 
     def __del__(self) -> None:
@@ -326,7 +328,7 @@ class _Body:
             self._closed = True
             # Drop the body first: finalised now, on this thread, as it would
             # have been without ctxguard. Then see what it left behind.
-            self._body = self._iter = None
+            self._body, self._next = None, _EXHAUSTED
             self._guard._check_end(self._worker, self._info)
         except Exception as exc:
             telemetry.fault("response finaliser", exc)
