@@ -23,6 +23,7 @@ from .ledger import OpenContext, RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
 _worker = ledger.worker
+_get_ident = threading.get_ident
 
 
 def flask_app_of(wsgi_app: Any) -> Any:
@@ -129,7 +130,7 @@ class CtxGuardMiddleware:
             raise
         w.request = None
         try:
-            if isinstance(body, (list, tuple)) or _is_file_wrapper(body, environ):
+            if type(body) in (list, tuple) or _is_file_wrapper(body, environ):
                 # Iterating it runs no application code: the request is over.
                 self._check_end(w, info)
                 return body
@@ -300,7 +301,9 @@ class _Body:
 
     def __next__(self) -> bytes:
         # A streamed body pushes contexts while it runs: they are the request's.
-        w = _worker()  # the server may iterate on another thread than the app ran on
+        w = self._worker
+        if w.ident != _get_ident():
+            w = _worker()  # the server iterates on another thread than the app ran on
         w.request = self._info
         try:
             return self._next()
