@@ -43,13 +43,15 @@ LIBRARY_PACKAGES = (
 #: Frames where the search gives up: the server or the interpreter is calling.
 INFRASTRUCTURE_PACKAGES = ("gunicorn", "waitress", "gevent", "eventlet", "uwsgi", "celery")
 
+USER = 0
 _LIBRARY = 1
 _INFRASTRUCTURE = 2
-_USER = 0
 
-# Keyed by the code's file name: a str caches its hash, so the lookup is cheap
-# (hashing a code object is not), and every frame of one file is of one kind.
-_kinds: dict[str, int] = {}
+#: Kind of each file seen so far, keyed by the code's file name: a str caches
+#: its hash, so the lookup is cheap (hashing a code object is not), and every
+#: frame of one file is of one kind. Read-only outside this module, where the
+#: ledger's push hook uses it to skip the walk when the caller is user code.
+file_kinds: dict[str, int] = {}
 _library_dirs: tuple[str, ...] = ()
 _infrastructure_dirs: tuple[str, ...] = ()
 #: The standard library's directories; their site-packages is not the stdlib.
@@ -96,7 +98,7 @@ def refresh() -> None:
     _stdlib = _stdlib_dirs()
     flask_ctx = sys.modules.get("flask.ctx")
     _flask_ctx_file = getattr(flask_ctx, "__file__", None)
-    _kinds.clear()
+    file_kinds.clear()
 
 
 def _is_stdlib(path: str) -> bool:
@@ -108,20 +110,20 @@ def _is_stdlib(path: str) -> bool:
 
 def _classify(filename: str) -> int:
     if filename.startswith("<"):
-        kind = _INFRASTRUCTURE if filename.startswith("<frozen") else _USER
+        kind = _INFRASTRUCTURE if filename.startswith("<frozen") else USER
     else:
         path = os.path.abspath(filename)
         if path == _demo_file:
-            kind = _USER
+            kind = USER
         elif path.startswith(_library_dirs):
             kind = _LIBRARY
         elif path.startswith(_infrastructure_dirs) or _is_stdlib(path):
             kind = _INFRASTRUCTURE
         else:
-            kind = _USER
-    if len(_kinds) > 50_000:
-        _kinds.clear()
-    _kinds[filename] = kind
+            kind = USER
+    if len(file_kinds) > 50_000:
+        file_kinds.clear()
+    file_kinds[filename] = kind
     return kind
 
 
@@ -143,14 +145,14 @@ def site_from(frame: FrameType | None, limit: int = 16) -> Site | None:
     generator), so a site is never lost.
     """
     fallback = None
-    kinds = _kinds
+    kinds = file_kinds
     while frame is not None and limit:
         code = frame.f_code
         filename = code.co_filename
         kind = kinds.get(filename)
         if kind is None:
             kind = _classify(filename)
-        if kind == _USER:
+        if kind == USER:
             return code, frame.f_lasti
         if (
             fallback is None

@@ -227,7 +227,7 @@ def _recorder(kind: str) -> Callable[[Any, Any], None]:
 def _takes(func: Callable[..., Any], names: list[str]) -> bool:
     """Does ``func`` take exactly these parameters (Flask's own signature)?"""
     try:
-        return list(inspect.signature(func).parameters) == names
+        return list(inspect.signature(func, follow_wrapped=False).parameters) == names
     except (TypeError, ValueError):
         return False
 
@@ -235,21 +235,9 @@ def _takes(func: Callable[..., Any], names: list[str]) -> bool:
 def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     record = _recorder(kind)
 
-    if _takes(original, ["self"]):
-        # Flask's own signature: no *args packing on every request.
-        def push(self: Any) -> None:
-            try:
-                original(self)
-            except BaseException:
-                # A receiver of appcontext_pushed raised after the context became current.
-                if current(kind) is self:
-                    record(self, _getframe(1))
-                raise
-            record(self, _getframe(1))
+    if not _takes(original, ["self"]):
 
-    else:
-
-        def push(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        def push_any(self: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 result = original(self, *args, **kwargs)
             except BaseException:
@@ -259,15 +247,71 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             record(self, _getframe(1))
             return result
 
+        return _like(push_any, original)
+
+    counter = _pushes[kind]
+    is_request = kind == telemetry.KIND_REQUEST
+    file_kinds, user, site_from = frames.file_kinds, frames.USER, frames.site_from
+
+    # Flask's own signature, and record() inlined: this runs on every request,
+    # where each Python call and each *args tuple shows (docs/benchmarks.md).
+    def push(self: Any) -> None:
+        try:
+            original(self)
+        except BaseException:
+            # A receiver of appcontext_pushed raised after the context became current.
+            if current(kind) is self:
+                record(self, _getframe(1))
+            raise
+        try:
+            try:
+                w = _local.worker
+            except AttributeError:
+                w = _new_worker()
+            request = w.request
+            frame = _getframe(1)
+            code = frame.f_code
+            if code is _request_push_code or code is _wsgi_app_code:
+                site = None
+                if is_request and request is not None and request.rule is None:
+                    request.rule = getattr(getattr(self, "request", None), "url_rule", None)
+            elif file_kinds.get(code.co_filename) == user:
+                site = (code, frame.f_lasti)  # pushed straight from user code: no walk
+            else:
+                site = site_from(frame)
+            w.open.append([self, kind, site, _monotonic(), request, False])
+            next(counter)
+        except Exception as exc:
+            telemetry.fault("ledger push", exc)
+
     return _like(push, original)
 
 
 def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     ok = _pops[kind, telemetry.OUTCOME_OK]
+    defaults = getattr(original, "__defaults__", None)
 
-    def take(self: Any) -> tuple[Worker, list[Any] | None]:
-        """Take the context's record off first: popping a request context pops
-        its application context inside it, which then finds its own on top."""
+    if not (_takes(original, ["self", "exc"]) and defaults and len(defaults) == 1):
+
+        def pop_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+            w, record = _take(self)
+            try:
+                result = original(self, *args, **kwargs)
+            except BaseException as error:
+                _after_pop(w, self, kind, record, error)
+                raise
+            if record is None:
+                _after_pop(w, self, kind, None, None)
+            else:
+                next(ok)
+            return result
+
+        return _like(pop_any, original)
+
+    sentinel = defaults[0]
+
+    # Flask's own signature, and _take() inlined, for the same reason as push.
+    def pop(self: Any, exc: Any = sentinel) -> None:
         try:
             w = _local.worker
         except AttributeError:
@@ -277,42 +321,32 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             record = open_.pop()
             if open_ and record[_SITE] is not None:
                 _keep_site(open_, self, record[_SITE])
-            return w, record
-        return w, None
-
-    defaults = getattr(original, "__defaults__", None)
-    if _takes(original, ["self", "exc"]) and defaults and len(defaults) == 1:
-        sentinel = defaults[0]
-
-        # Flask's own signature: no *args packing on every request.
-        def pop(self: Any, exc: Any = sentinel) -> None:
-            w, record = take(self)
-            try:
-                original(self, exc)
-            except BaseException as error:
-                _after_pop(w, self, kind, record, error)
-                raise
-            if record is None:
-                _after_pop(w, self, kind, None, None)
-            else:
-                next(ok)
-
-    else:
-
-        def pop(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-            w, record = take(self)
-            try:
-                result = original(self, *args, **kwargs)
-            except BaseException as error:
-                _after_pop(w, self, kind, record, error)
-                raise
-            if record is None:
-                _after_pop(w, self, kind, None, None)
-            else:
-                next(ok)
-            return result
+        else:
+            record = None
+        try:
+            original(self, exc)
+        except BaseException as error:
+            _after_pop(w, self, kind, record, error)
+            raise
+        if record is None:
+            _after_pop(w, self, kind, None, None)
+        else:
+            next(ok)
 
     return _like(pop, original)
+
+
+def _take(self: Any) -> tuple[Worker, list[Any] | None]:
+    """Take the context's record off before popping: popping a request context
+    pops its application context inside it, which then finds its own on top."""
+    w = worker()
+    open_ = w.open
+    if open_ and open_[-1][_CTX] is self:
+        record = open_.pop()
+        if open_ and record[_SITE] is not None:
+            _keep_site(open_, self, record[_SITE])
+        return w, record
+    return w, None
 
 
 def _like(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,7 @@ that is not is reported (``request_end``) with its push site.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import frames, ledger, policy, process, settings, telemetry
@@ -60,6 +60,7 @@ class CtxGuardMiddleware:
         self.wsgi_app = wsgi_app
         self.app = app if app is not None else flask_app_of(wsgi_app)
         self.options = settings.resolve(environment, policy, heal)
+        self._disabled = self.options.disabled
         self._first_request_seen = False
         self._ambient_reported: set[Any] = set()
         self._rules_reported: set[str] = set()
@@ -101,7 +102,7 @@ class CtxGuardMiddleware:
 
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
         info = w = None
-        if not self.options.disabled:
+        if not self._disabled:
             try:
                 w = ledger.worker()
                 # Not inside another guarded request (two middlewares), and installed.
@@ -296,19 +297,29 @@ class _Body:
         self._info = info
         self._closed = False
 
-    def __iter__(self) -> _Body:
-        return self
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks()
 
-    def __next__(self) -> bytes:
-        # A streamed body pushes contexts while it runs: they are the request's.
+    def _chunks(self) -> Iterator[bytes]:
+        """The chunks, each made with the request set on the worker making it.
+
+        A generator rather than ``__next__``: no Python call per chunk, and the
+        end of the body is a plain return rather than a StopIteration raised
+        through one more frame.
+        """
+        info = self._info
         w = self._worker
-        if w.ident != _get_ident():
-            w = _worker()  # the server iterates on another thread than the app ran on
-        w.request = self._info
-        try:
-            return self._next()
-        finally:
-            w.request = None
+        while True:
+            if w.ident != _get_ident():
+                w = _worker()  # the server iterates on another thread than the app ran on
+            w.request = info
+            try:
+                chunk = self._next()
+            except StopIteration:
+                return
+            finally:
+                w.request = None
+            yield chunk
 
     def close(self) -> None:
         if self._closed:
