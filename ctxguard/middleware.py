@@ -274,7 +274,7 @@ def _heal(w: Worker) -> None:
             return  # Flask could not pop it; do not loop.
 
 
-_EXHAUSTED = iter(()).__next__
+_EXHAUSTED: Iterator[bytes] = iter(())
 
 
 class _Body:
@@ -285,13 +285,13 @@ class _Body:
     ``close()``, the check runs when it is finalised, on whatever thread that is.
     """
 
-    __slots__ = ("_body", "_closed", "_guard", "_info", "_next", "_worker")
+    __slots__ = ("_body", "_closed", "_guard", "_info", "_iterator", "_worker")
 
     def __init__(
         self, body: Iterable[bytes], guard: CtxGuardMiddleware, w: Worker, info: RequestInfo
     ):
         self._body: Any = body
-        self._next: Callable[[], bytes] = iter(body).__next__
+        self._iterator: Iterator[bytes] = iter(body)
         self._guard = guard
         self._worker = w
         self._info = info
@@ -303,29 +303,28 @@ class _Body:
     def _chunks(self) -> Iterator[bytes]:
         """The chunks, each made with the request set on the worker making it.
 
-        A generator rather than ``__next__``: no Python call per chunk, and the
-        end of the body is a plain return rather than a StopIteration raised
-        through one more frame.
+        A generator with a plain ``for`` loop rather than ``__next__``: no
+        Python call per chunk, and the end of the body costs nothing extra.
         """
         info = self._info
         w = self._worker
-        while True:
-            if w.ident != _get_ident():
-                w = _worker()  # the server iterates on another thread than the app ran on
+        try:
             w.request = info
-            try:
-                chunk = self._next()
-            except StopIteration:
-                return
-            finally:
+            for chunk in self._iterator:
                 w.request = None
-            yield chunk
+                yield chunk
+                if w.ident != _get_ident():
+                    w = _worker()  # the server iterates on another thread than the app ran on
+                w.request = info
+        finally:
+            if w.request is info:
+                w.request = None
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        body, self._body, self._next = self._body, None, _EXHAUSTED
+        body, self._body, self._iterator = self._body, None, _EXHAUSTED
         close = getattr(body, "close", None)
         del body
         try:
@@ -342,7 +341,7 @@ class _Body:
             self._closed = True
             # Drop the body first: finalised now, on this thread, as it would
             # have been without ctxguard. Then see what it left behind.
-            self._body, self._next = None, _EXHAUSTED
+            self._body, self._iterator = None, _EXHAUSTED
             self._guard._check_end(self._worker, self._info)
         except Exception as exc:
             telemetry.fault("response finaliser", exc)
