@@ -6,8 +6,8 @@ keeps the contexts pushed and not yet popped: their kind, the user's line
 that pushed them, when, and the request they were pushed in. It counts
 pushes and pops by outcome (``ok``, ``wrong_context``, ``cross_worker``).
 
-The push and pop hooks run on every request, so they touch only lists and
-integers owned by the current worker. Everything that walks, reports or
+The push and pop hooks run on every request, so they touch only the current
+worker's list and C-level counters. Everything that walks, reports or
 reconciles runs only when something is wrong.
 
 A record is a small list (cheaper to build than an object on this path),
@@ -20,6 +20,7 @@ import functools
 import inspect
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -128,8 +129,10 @@ _local: Any = threading.local()
 def _new_worker() -> Worker:
     worker = Worker(next(_serials))
     _local.worker = worker
+    serial = worker.serial
     with _registry_lock:
-        _workers[worker.serial] = weakref.ref(worker)
+        # Forgotten when the thread ends, even if nothing ever lists the workers.
+        _workers[serial] = weakref.ref(worker, lambda _: _workers.pop(serial, None))
     return worker
 
 
@@ -148,7 +151,7 @@ def live_workers() -> list[Worker]:
         for serial, ref in list(_workers.items()):
             w = ref()
             if w is None:
-                del _workers[serial]
+                _workers.pop(serial, None)
             else:
                 alive.append(w)
     return alive
@@ -157,7 +160,6 @@ def live_workers() -> list[Worker]:
 # --------------------------------------------------------------------------
 # Flask's internals that the hooks compare against, looked up once.
 
-_flask_globals: Any = None
 _cv_by_kind: dict[str, Any] = {}
 # Code objects of Flask's own callers of push: a push from there is made on
 # behalf of a request, not by the user's code.
@@ -166,11 +168,10 @@ _wsgi_app_code: Any = None
 
 
 def _lookup_flask() -> None:
-    global _flask_globals, _cv_by_kind, _wsgi_app_code
+    global _cv_by_kind, _wsgi_app_code
     import flask
     import flask.globals
 
-    _flask_globals = flask.globals
     _cv_by_kind = {
         telemetry.KIND_APP: getattr(flask.globals, "_cv_app", None),
         telemetry.KIND_REQUEST: getattr(flask.globals, "_cv_request", None),
@@ -192,7 +193,7 @@ def current(kind: str) -> Any:
 # --------------------------------------------------------------------------
 # The hooks.
 
-_getframe = __import__("sys")._getframe
+_getframe = sys._getframe
 _monotonic = time.monotonic
 
 

@@ -71,6 +71,8 @@ class CtxGuardMiddleware:
     # -- options that follow the app (it may be switched to testing after init)
 
     def environment(self) -> str:
+        if self.options.environment is not None:
+            return self.options.environment
         app = self.app
         try:
             debug = bool(getattr(app, "debug", False)) if app is not None else False
@@ -78,7 +80,7 @@ class CtxGuardMiddleware:
         except Exception as exc:
             # Unknown: alter nothing (a testing app must keep its preserved contexts).
             telemetry.fault("environment", exc)
-            return self.options.environment or "development"
+            return "development"
         return self.options.environment_for(debug, testing)
 
     def check_app(self, *, refuse: bool = True) -> list[policy.Violation]:
