@@ -24,6 +24,8 @@ from .ledger import OpenContext, RequestInfo, Worker
 WSGIApp = Callable[..., Iterable[bytes]]
 _worker = ledger.worker
 _get_ident = threading.get_ident
+#: Bodies whose iteration runs no application code.
+_PLAIN = (list, tuple)
 
 
 def flask_app_of(wsgi_app: Any) -> Any:
@@ -133,7 +135,8 @@ class CtxGuardMiddleware:
             raise
         w.request = None
         try:
-            if type(body) in (list, tuple) or _is_file_wrapper(body, environ):
+            wrapper = environ.get("wsgi.file_wrapper")
+            if type(body) in _PLAIN or (type(wrapper) is type and isinstance(body, wrapper)):
                 # Iterating it runs no application code: the request is over.
                 self._check_end(w, info)
                 return body
@@ -195,11 +198,6 @@ class CtxGuardMiddleware:
                             _report_leak(item, owner, telemetry.SITE_REQUEST_END)
         except Exception as exc:
             telemetry.fault("request end check", exc)
-
-
-def _is_file_wrapper(body: Any, environ: Any) -> bool:
-    wrapper = environ.get("wsgi.file_wrapper") if hasattr(environ, "get") else None
-    return isinstance(wrapper, type) and isinstance(body, wrapper)
 
 
 def _report_leak(item: OpenContext, w: Worker, site: str, *, ambient: bool = False) -> None:
