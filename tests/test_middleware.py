@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -352,3 +353,36 @@ def test_a_plain_wsgi_app_passes_through(telemetry):
     assert result == [b"plain ", b"/x"]
     assert env == {"PATH_INFO": "/x"}
     assert telemetry.value(LEAKS) == 0
+
+
+@unraisable_ok
+def test_body_dropped_on_its_own_thread_is_not_a_leak(telemetry):
+    """A server that drops the body without close() on the thread that served it: the
+    body is finalised there, as without ctxguard, and nothing is reported as leaked."""
+    app = marking_app()
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    for path in ("/", "/stream"):
+        body = app(environ(path), start_response)
+        next(iter(body))
+        del body
+    assert telemetry.value(LEAKS) == 0
+    app.torn_down.clear()
+    call(app, "/")
+    assert app.torn_down == ["index"]
+    assert telemetry.value(HEALED) == 0
+
+
+def test_threads_that_come_and_go_leave_nothing_behind(telemetry):
+    """Many short-lived worker threads (Werkzeug's server starts one per request): the
+    ledger keeps no trace of the ended ones, and the counts stay exact."""
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    for _ in range(50):
+        t = threading.Thread(target=call, args=(app, "/"))
+        t.start()
+        t.join()
+    assert telemetry.value("ctxguard.context.pushes", {"ctxguard.context.kind": "request"}) == 50
+    assert telemetry.value(LEAKS) == 0
+    gc.collect()
+    workers = [o for o in gc.get_objects() if type(o).__name__ == "Worker"]
+    assert len(workers) <= 2  # this thread's, and at most one not yet collected
