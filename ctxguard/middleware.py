@@ -270,6 +270,12 @@ def _heal(w: Worker) -> None:
         healed = [other for other in before if id(other.handle) not in remaining]
         for other in healed:
             telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: other.kind})
+            telemetry.log_event(
+                ("healed", other.kind, other.site),
+                "ctxguard: popped a stale %s context (pushed at %s) so its teardown ran",
+                other.kind,
+                _where(other.location),
+            )
         if not healed:
             return  # Flask could not pop it; do not loop.
 
