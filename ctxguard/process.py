@@ -22,11 +22,12 @@ def installed() -> bool:
 
 
 def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
-    """Install the process hooks (idempotent); returns False when disabled.
+    """Install the process hooks (idempotent); returns whether they are installed.
 
     For workers, scripts and CLIs that run no Flask request but still push
     contexts. Providers given here are used from now on; by default the
-    global ones are used.
+    global ones are used. A bad ``CTXGUARD_DISABLED`` raises ``ConfigError``;
+    a Flask whose internals cannot be hooked is logged and left alone (False).
     """
     if settings.disabled():
         return False
@@ -43,9 +44,10 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
                 setattr(owner, name, replacement)
                 _patches.append((owner, name, original, replacement, own))
             ledger.record_current_context(ledger.worker())
-        except Exception:
+        except Exception as exc:
             _restore()
-            raise
+            telemetry.fault("install", exc)
+            return False
         return True
 
 

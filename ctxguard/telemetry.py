@@ -112,8 +112,9 @@ class _Throttle:
             if last is not None and now - last < self.interval:
                 self._dropped[key] = self._dropped.get(key, 0) + 1
                 return False, 0
-            if len(self._last) > 10_000:
+            if len(self._last) > 10_000:  # bounded, whatever the keys
                 self._last.clear()
+                self._dropped.clear()
             self._last[key] = now
             return True, self._dropped.pop(key, 0)
 

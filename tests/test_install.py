@@ -315,3 +315,22 @@ def test_snapshot_from_another_thread_sees_a_worker_thread(telemetry):
     assert found["function"] in (work.__name__, work.__qualname__)
     assert found["request"] is None
     assert [c for w in ctxguard.snapshot()["workers"] for c in w["contexts"]] == []
+
+
+def test_unhookable_flask_is_logged_and_left_alone(monkeypatch, telemetry, caplog_ctxguard):
+    """If Flask's internals ever cannot be hooked, CtxGuard(app) still starts, every
+    attribute is left as it was, requests pass through, and the problem is logged."""
+    from ctxguard import ledger
+
+    before = {name: vars(flask.ctx.AppContext)[name] for name in ("push", "pop")}
+
+    def broken_hooks():
+        yield flask.ctx.AppContext, "push", lambda self: None
+        raise RuntimeError("Flask changed")
+
+    monkeypatch.setattr(ledger, "hooks", broken_hooks)
+    app = make_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert {name: vars(flask.ctx.AppContext)[name] for name in ("push", "pop")} == before
+    assert call(app, "/")[2] == b"hello"
+    assert any("Flask changed" in repr(r.exc_info) for r in caplog_ctxguard.records)
