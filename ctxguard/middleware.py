@@ -280,9 +280,6 @@ def _heal(w: Worker) -> None:
             return  # Flask could not pop it; do not loop.
 
 
-_EXHAUSTED: Iterator[bytes] = iter(())
-
-
 class _Body:
     """The response iterable, so the request's end can be checked when it is closed.
 
@@ -291,17 +288,15 @@ class _Body:
     ``close()``, the check runs when it is finalised, on whatever thread that is.
     """
 
-    __slots__ = ("_body", "_closed", "_guard", "_info", "_iterator", "_worker")
+    __slots__ = ("_body", "_guard", "_info", "_worker")
 
     def __init__(
         self, body: Iterable[bytes], guard: CtxGuardMiddleware, w: Worker, info: RequestInfo
     ):
-        self._body: Any = body
-        self._iterator: Iterator[bytes] = iter(body)
+        self._body: Iterable[bytes] | None = body  # None once closed or finalised
         self._guard = guard
         self._worker = w
         self._info = info
-        self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks()
@@ -312,11 +307,14 @@ class _Body:
         A generator with a plain ``for`` loop rather than ``__next__``: no
         Python call per chunk, and the end of the body costs nothing extra.
         """
+        body = self._body
+        if body is None:
+            return
         info = self._info
         w = self._worker
         try:
             w.request = info
-            for chunk in self._iterator:
+            for chunk in body:
                 w.request = None
                 yield chunk
                 if w.ident != _get_ident():
@@ -327,10 +325,9 @@ class _Body:
                 w.request = None
 
     def close(self) -> None:
-        if self._closed:
+        body, self._body = self._body, None
+        if body is None:
             return
-        self._closed = True
-        body, self._body, self._iterator = self._body, None, _EXHAUSTED
         close = getattr(body, "close", None)
         del body
         try:
@@ -341,13 +338,16 @@ class _Body:
             self._guard._check_end(self._worker, self._info)
 
     def __del__(self) -> None:
-        if self._closed:
+        if self._body is None:
             return
         try:
-            self._closed = True
-            # Drop the body first: finalised now, on this thread, as it would
-            # have been without ctxguard. Then see what it left behind.
-            self._body, self._iterator = None, _EXHAUSTED
-            self._guard._check_end(self._worker, self._info)
+            # Abandoned without close(). Drop the body: it is finalised as it
+            # would have been without ctxguard (the chunk generator may still
+            # hold it for a moment). On the thread that served it, its contexts
+            # pop normally, and anything left is stale at the next request;
+            # finalised on another thread, they cannot be popped: a leak.
+            self._body = None
+            if self._worker.ident != _get_ident():
+                self._guard._check_end(self._worker, self._info)
         except Exception as exc:
             telemetry.fault("response finaliser", exc)

@@ -119,8 +119,9 @@ def _abandon_stream_on_another_thread(app: Flask, pool: ThreadPoolExecutor) -> N
 
     def first() -> None:
         body = app(environ("/stream"), start_response)
-        assert next(iter(body)) == b"a"
-        holder["body"] = body
+        chunks = iter(body)  # a server holds the iterator it loops on, and the body
+        assert next(chunks) == b"a"
+        holder.update(body=body, chunks=chunks)
 
     pool.submit(first).result()
     dropper = threading.Thread(target=holder.clear, name="finaliser")
