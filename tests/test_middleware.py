@@ -387,3 +387,38 @@ def test_threads_that_come_and_go_leave_nothing_behind(telemetry):
     gc.collect()
     workers = [o for o in gc.get_objects() if type(o).__name__ == "Worker"]
     assert len(workers) <= 2  # this thread's, and at most one not yet collected
+
+
+def test_copied_request_contexts_are_not_leaks(telemetry):
+    """Work handed to a thread or to a close callback with copy_current_request_context
+    pushes and pops its own copy: nothing is reported, the thread sees the request."""
+    from flask import copy_current_request_context, request
+
+    app = make_app()
+    seen: list[str] = []
+
+    @app.route("/spawn")
+    def spawn() -> Any:
+        @copy_current_request_context
+        def in_thread() -> None:
+            seen.append(request.path)
+
+        worker = threading.Thread(target=in_thread)
+        worker.start()
+        worker.join()
+
+        @copy_current_request_context
+        def on_close() -> None:
+            seen.append("closed " + request.path)
+
+        response = app.make_response("spawned")
+        response.call_on_close(on_close)
+        return response
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    for _ in range(2):
+        assert call(app, "/spawn")[2] == b"spawned"
+        call(app, "/")
+    assert seen == ["/spawn", "closed /spawn"] * 2
+    assert telemetry.value(LEAKS) == 0
+    assert telemetry.value("ctxguard.context.pops", {"ctxguard.pop.outcome": "cross_worker"}) == 0
