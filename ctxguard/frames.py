@@ -175,6 +175,13 @@ class Location(NamedTuple):
     function: str
 
 
+def where(location: Location | None, unknown: str) -> str:
+    """``file:line in function`` for log lines, or ``unknown``."""
+    if location is None:
+        return unknown
+    return f"{location.file}:{location.line} in {location.function}"
+
+
 def describe(site: Site | None) -> Location | None:
     """Turn a site into file, line and function (slow: only when reporting)."""
     if site is None:

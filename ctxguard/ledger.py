@@ -442,7 +442,7 @@ def _log_pop(kind: str, outcome: str, exc: BaseException | None) -> None:
         "ctxguard: %s context popped with outcome %s at %s (%s)",
         kind,
         outcome,
-        _where(location),
+        frames.where(location, "an unknown place"),
         f"{type(exc).__name__}: {exc}" if exc is not None else "no error raised",
     )
 
@@ -466,12 +466,6 @@ def _find_owner(ctx: Any) -> Worker | None:
         if _find(other.open, ctx) >= 0:
             return other
     return None
-
-
-def _where(location: frames.Location | None) -> str:
-    if location is None:
-        return "an unknown place"
-    return f"{location.file}:{location.line} in {location.function}"
 
 
 # --------------------------------------------------------------------------

@@ -233,16 +233,10 @@ def _report_leak(item: OpenContext, w: Worker, site: str, *, ambient: bool = Fal
         item.kind,
         site,
         reason,
-        _where(location),
+        frames.where(location, "a place Flask chose (no user code on the stack)"),
         item.age,
         w.name,
     )
-
-
-def _where(location: frames.Location | None) -> str:
-    if location is None:
-        return "a place Flask chose (no user code on the stack)"
-    return f"{location.file}:{location.line} in {location.function}"
 
 
 def _heal(w: Worker) -> None:
@@ -274,7 +268,7 @@ def _heal(w: Worker) -> None:
                 ("healed", other.kind, other.site),
                 "ctxguard: popped a stale %s context (pushed at %s) so its teardown ran",
                 other.kind,
-                _where(other.location),
+                frames.where(other.location, "a place Flask chose (no user code on the stack)"),
             )
         if not healed:
             return  # Flask could not pop it; do not loop.
