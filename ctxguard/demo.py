@@ -104,11 +104,11 @@ def create_app() -> tuple[Flask, Teardowns]:
     return app, teardowns
 
 
-def boot_worker(app: Flask) -> AppContext:
+def boot_worker(app: Flask, booted: list[AppContext]) -> None:
     """What ``app.app_context().push()`` at import time does on a sync worker."""
     ctx = app.app_context()
     ctx.push()  # pushed outside any request
-    return ctx
+    booted.append(ctx)
 
 
 # --------------------------------------------------------------------------
@@ -407,10 +407,14 @@ def abandoned_stream(app: Flask, teardowns: Teardowns, recorded: Recorded, quiet
 
 def ambient_context(app: Flask, recorded: Recorded) -> Outcome:
     before = recorded.totals()
-    with ThreadPoolExecutor(1, thread_name_prefix="sync-worker") as worker:
-        ctx = worker.submit(boot_worker, app).result(timeout=10)
+    booted: list[AppContext] = []
+    # The pool's initializer runs when its thread starts, before any task: the
+    # worker's boot, not a task that leaks.
+    with ThreadPoolExecutor(
+        1, thread_name_prefix="sync-worker", initializer=boot_worker, initargs=(app, booted)
+    ) as worker:
         seen = [worker.submit(serve, app, "/hits").result(timeout=10).decode() for _ in range(3)]
-        worker.submit(ctx.pop).result(timeout=10)
+        worker.submit(booted[0].pop).result(timeout=10)
     after = recorded.totals()
     reported = _delta(before, after, telemetry.LEAKS, leak_site="request_start")
     healed = _delta(before, after, telemetry.HEALED)

@@ -17,8 +17,11 @@ class CtxGuard:
     installs the process hooks once and applies the production policy.
     ``environment`` defaults to the app's (``testing`` if ``app.testing``,
     ``development`` if ``app.debug``, else ``production``), ``policy`` to
-    ``enforce``, ``heal`` to on in production. ``CTXGUARD_*`` environment
-    variables override the defaults; explicit arguments win.
+    ``enforce``, ``heal`` to on in production. ``propagate="app"`` (off by
+    default) runs threads and executor tasks started in a request inside a
+    fresh app context of this app, so ``current_app`` and ``g`` work there.
+    ``CTXGUARD_*`` environment variables override the defaults; explicit
+    arguments win.
     """
 
     def __init__(
@@ -28,15 +31,17 @@ class CtxGuard:
         environment: str | None = None,
         policy: str | None = None,
         heal: bool | None = None,
+        propagate: str | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
     ) -> None:
         # Validate now, so a typo fails where it was written.
-        settings.resolve(environment, policy, heal)
+        settings.resolve(environment, policy, heal, propagate)
         self._kwargs = {
             "environment": environment,
             "policy": policy,
             "heal": heal,
+            "propagate": propagate,
             "tracer_provider": tracer_provider,
             "meter_provider": meter_provider,
         }
@@ -48,7 +53,10 @@ class CtxGuard:
         if _guard_of(app) is not None:
             return
         options = settings.resolve(
-            self._kwargs["environment"], self._kwargs["policy"], self._kwargs["heal"]
+            self._kwargs["environment"],
+            self._kwargs["policy"],
+            self._kwargs["heal"],
+            self._kwargs["propagate"],
         )
         if options.disabled:
             return

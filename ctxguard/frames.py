@@ -46,6 +46,7 @@ INFRASTRUCTURE_PACKAGES = ("gunicorn", "waitress", "gevent", "eventlet", "uwsgi"
 USER = 0
 _LIBRARY = 1
 _INFRASTRUCTURE = 2
+_STDLIB = 3
 
 #: Kind of each file seen so far, keyed by the code's file name: a str caches
 #: its hash, so the lookup is cheap (hashing a code object is not), and every
@@ -59,8 +60,9 @@ _stdlib: tuple[str, ...] = ()
 _ctxguard_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
 #: The demo's bundled app is user code that happens to ship inside ctxguard.
 _demo_file = _ctxguard_dir + "demo.py"
-#: Where Flask's contexts enter and push themselves: never a useful fallback site.
-_flask_ctx_file: str | None = None
+#: Where Flask's contexts push themselves and Werkzeug's proxies look them up:
+#: never a useful fallback site.
+_machinery_files: tuple[str, ...] = ()
 
 
 def _package_dirs(names: Iterable[str]) -> tuple[str, ...]:
@@ -92,12 +94,14 @@ def _stdlib_dirs() -> tuple[str, ...]:
 
 def refresh() -> None:
     """Work out the library directories again (after new packages were imported)."""
-    global _library_dirs, _infrastructure_dirs, _stdlib, _flask_ctx_file
+    global _library_dirs, _infrastructure_dirs, _stdlib, _machinery_files
     _library_dirs = _package_dirs(LIBRARY_PACKAGES)
     _infrastructure_dirs = _package_dirs(INFRASTRUCTURE_PACKAGES)
     _stdlib = _stdlib_dirs()
-    flask_ctx = sys.modules.get("flask.ctx")
-    _flask_ctx_file = getattr(flask_ctx, "__file__", None)
+    _machinery_files = tuple(
+        getattr(sys.modules.get(name), "__file__", None) or "<none>"
+        for name in ("flask.ctx", "werkzeug.local")
+    )
     file_kinds.clear()
 
 
@@ -110,15 +114,17 @@ def _is_stdlib(path: str) -> bool:
 
 def _classify(filename: str) -> int:
     if filename.startswith("<"):
-        kind = _INFRASTRUCTURE if filename.startswith("<frozen") else USER
+        kind = _STDLIB if filename.startswith("<frozen") else USER
     else:
         path = os.path.abspath(filename)
         if path == _demo_file:
             kind = USER
         elif path.startswith(_library_dirs):
             kind = _LIBRARY
-        elif path.startswith(_infrastructure_dirs) or _is_stdlib(path):
+        elif path.startswith(_infrastructure_dirs):
             kind = _INFRASTRUCTURE
+        elif _is_stdlib(path):
+            kind = _STDLIB
         else:
             kind = USER
     if len(file_kinds) > 50_000:
@@ -136,13 +142,18 @@ def user_site(depth: int = 2, limit: int = 16) -> Site | None:
     return site_from(frame, limit)
 
 
-def site_from(frame: FrameType | None, limit: int = 16) -> Site | None:
+def site_from(
+    frame: FrameType | None, limit: int = 16, *, through_stdlib: bool = False
+) -> Site | None:
     """The first user frame from ``frame`` outwards.
 
-    When no user frame is found before the server or the interpreter, the
-    first frame that is neither ctxguard's nor Flask's context machinery is
-    returned instead (for example Flask's own ``stream_with_context``
-    generator), so a site is never lost.
+    The search stops at the server's frames, and at the standard library's
+    unless ``through_stdlib`` (a proxy touched from ``logging`` or ``copy``
+    was touched by the user's code that called them; a context pushed from
+    ``threading``'s bootstrap was not). When no user frame is found, the
+    first frame that is not ctxguard's, Flask's context machinery or
+    Werkzeug's proxies is returned instead (for example Flask's own
+    ``stream_with_context`` generator), so a site is never lost.
     """
     fallback = None
     kinds = file_kinds
@@ -157,14 +168,32 @@ def site_from(frame: FrameType | None, limit: int = 16) -> Site | None:
         if (
             fallback is None
             and not filename.startswith(_ctxguard_dir)
-            and filename != _flask_ctx_file
+            and filename not in _machinery_files
         ):
             fallback = (code, frame.f_lasti)
-        if kind == _INFRASTRUCTURE:
+        if kind == _INFRASTRUCTURE or (kind == _STDLIB and not through_stdlib):
             break
         frame = frame.f_back
         limit -= 1
     return fallback
+
+
+def stack_text(frame: FrameType | None, limit: int = 32) -> str:
+    """A traceback-style listing of the stack from ``frame`` outwards.
+
+    For the ``exception.stacktrace`` of a span event: file, line and function
+    of each frame, most recent call last, without reading source files (which
+    is what makes ``record_exception`` cost tens of microseconds).
+    """
+    lines = []
+    while frame is not None and limit:
+        code = frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+        frame = frame.f_back
+        limit -= 1
+    lines.append("Traceback (most recent call last):")
+    lines.reverse()
+    return "\n".join(lines)
 
 
 class Location(NamedTuple):

@@ -100,19 +100,42 @@ class RequestInfo:
         return {"method": self.http_method, "route": self.route, "endpoint": self.endpoint}
 
 
+class Origin:
+    """The request that handed work to a thread or an executor.
+
+    Taken when the work is started or submitted; ``span_context`` is the span
+    active then (the request's, when it is traced), for a span link.
+    """
+
+    __slots__ = ("endpoint", "http_method", "route", "span_context")
+
+    def __init__(self, request: Any, span_context: Any) -> None:
+        rule = getattr(request, "url_rule", None)
+        info = RequestInfo(getattr(request, "method", None))
+        info.rule = rule
+        self.route = info.route
+        self.http_method = info.http_method
+        self.endpoint = info.endpoint
+        self.span_context = span_context
+
+
 class Worker:
     """One worker's open contexts.
 
     ``request`` is the request this worker is running code for right now
-    (set by the middleware), so pushes can be attributed to it.
+    (set by the middleware), so pushes can be attributed to it. ``kind`` and
+    ``origin`` say what runs here (a thread, an executor task) and for which
+    request, when ctxguard started it (set by the threading hooks).
     """
 
-    __slots__ = ("__weakref__", "ident", "name", "open", "request", "serial")
+    __slots__ = ("__weakref__", "ident", "kind", "name", "open", "origin", "request", "serial")
 
     def __init__(self, serial: int) -> None:
         thread = threading.current_thread()
         self.open: list[list[Any]] = []
         self.request: RequestInfo | None = None
+        self.kind: str | None = None
+        self.origin: Origin | None = None
         self.ident = threading.get_ident()
         self.name = thread.name
         self.serial = serial

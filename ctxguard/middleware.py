@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import frames, ledger, policy, process, settings, telemetry
-from .ledger import OpenContext, RequestInfo, Worker
+from . import frames, leaks, ledger, policy, process, settings, telemetry, threads
+from .ledger import RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
 _worker = ledger.worker
@@ -56,12 +56,13 @@ class CtxGuardMiddleware:
         environment: str | None = None,
         policy: str | None = None,
         heal: bool | None = None,
+        propagate: str | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
     ) -> None:
         self.wsgi_app = wsgi_app
         self.app = app if app is not None else flask_app_of(wsgi_app)
-        self.options = settings.resolve(environment, policy, heal)
+        self.options = settings.resolve(environment, policy, heal, propagate)
         self._disabled = self.options.disabled
         self._first_request_seen = False
         self._ambient_reported: set[Any] = set()
@@ -69,6 +70,8 @@ class CtxGuardMiddleware:
         self._lock = threading.Lock()
         if not self.options.disabled:
             process.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
+            if self.options.propagate == "app" and self.app is not None:
+                threads.propagate_app(self.app)
 
     # -- options that follow the app (it may be switched to testing after init)
 
@@ -170,13 +173,13 @@ class CtxGuardMiddleware:
             if item.reported:
                 continue
             if item.request is not None:
-                _report_leak(item, w, telemetry.SITE_REQUEST_START)
+                leaks.report(item, w, telemetry.SITE_REQUEST_START)
             elif environment != "testing":
                 key = item.site
                 ledger.mark_reported(item)
                 if key not in self._ambient_reported:
                     self._ambient_reported.add(key)
-                    _report_leak(item, w, telemetry.SITE_REQUEST_START, ambient=True)
+                    leaks.report(item, w, telemetry.SITE_REQUEST_START, ambient=True)
         if self.options.heal_for(environment):
             _heal(w)
 
@@ -195,48 +198,9 @@ class CtxGuardMiddleware:
                 if owner.open:
                     for item in ledger.open_contexts(owner, info, prune=owner is here):
                         if not item.reported:
-                            _report_leak(item, owner, telemetry.SITE_REQUEST_END)
+                            leaks.report(item, owner, telemetry.SITE_REQUEST_END)
         except Exception as exc:
             telemetry.fault("request end check", exc)
-
-
-def _report_leak(item: OpenContext, w: Worker, site: str, *, ambient: bool = False) -> None:
-    ledger.mark_reported(item)
-    location = item.location
-    request = item.request
-    attributes: dict[str, Any] = {
-        telemetry.CONTEXT_KIND: item.kind,
-        telemetry.LEAK_SITE: site,
-        telemetry.CONTEXT_AGE: round(item.age, 6),
-        telemetry.THREAD_ID: w.ident,
-        telemetry.THREAD_NAME: w.name,
-    }
-    if location is not None:
-        attributes[telemetry.CODE_FUNCTION] = location.function
-        attributes[telemetry.CODE_FILE] = location.file
-        attributes[telemetry.CODE_LINE] = location.line
-    if request is not None:
-        attributes[telemetry.HTTP_ROUTE] = request.route
-        attributes[telemetry.HTTP_METHOD] = request.http_method
-    telemetry.count(telemetry.LEAKS, {telemetry.CONTEXT_KIND: item.kind, telemetry.LEAK_SITE: site})
-    key = (item.kind, site, item.site if location is not None else request and request.route)
-    telemetry.span(telemetry.SPAN_CONTEXT_LEAK, attributes, throttle_key=key)
-    if ambient:
-        reason = "pushed outside any request and shared by every request on this worker"
-    elif request is not None:
-        reason = f"pushed during request {request.http_method} {request.route or '<unmatched>'}"
-    else:
-        reason = "never popped"
-    telemetry.log_event(
-        ("leak", key),
-        "ctxguard: %s context leaked (%s), %s; pushed at %s, %.3fs ago, thread %s",
-        item.kind,
-        site,
-        reason,
-        frames.where(location, "a place Flask chose (no user code on the stack)"),
-        item.age,
-        w.name,
-    )
 
 
 def _heal(w: Worker) -> None:

@@ -1,8 +1,9 @@
 """The process hooks: installed once per process, removed exactly.
 
-``install()`` replaces a few attributes (today Flask's context push/pop; the
-proxy and threading hooks join the same list) and remembers the very objects
-it replaced; ``uninstall()`` puts those objects back.
+``install()`` replaces a few attributes (Flask's context push/pop, the
+proxies' lookups, ``Thread.start`` and ``ThreadPoolExecutor.submit``) and
+remembers the very objects it replaced; ``uninstall()`` puts those objects
+back.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from . import frames, ledger, settings, telemetry
+from . import frames, ledger, proxies, settings, telemetry, threads
 
 _lock = threading.RLock()
 # (owner, attribute, original, replacement, owner had the attribute itself)
@@ -38,23 +39,47 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
         ledger.reset()
         frames.refresh()
         try:
-            for owner, name, replacement in ledger.hooks():
-                own = name in vars(owner)
-                original = vars(owner)[name] if own else getattr(owner, name)
-                setattr(owner, name, replacement)
-                _patches.append((owner, name, original, replacement, own))
+            for hooks in (ledger.hooks, proxies.hooks, threads.hooks):
+                for owner, name, replacement in hooks():
+                    own = _has_own(owner, name)
+                    original = _own(owner, name) if own else getattr(owner, name)
+                    _set(owner, name, replacement)
+                    _patches.append((owner, name, original, replacement, own))
             ledger.record_current_context(ledger.worker())
         except Exception as exc:
             _restore()
+            threads.reset()
             telemetry.fault("install", exc)
             return False
         return True
 
 
+# Classes are patched in their ``__dict__``; Werkzeug's proxies are instances
+# whose attribute access is forwarded to the proxied object, so they are read
+# and written through ``object``'s own methods.
+
+
+def _has_own(owner: Any, name: str) -> bool:
+    return name in vars(owner) if isinstance(owner, type) else True
+
+
+def _own(owner: Any, name: str) -> Any:
+    if isinstance(owner, type):
+        return vars(owner).get(name)
+    return object.__getattribute__(owner, name)
+
+
+def _set(owner: Any, name: str, value: Any) -> None:
+    if isinstance(owner, type):
+        setattr(owner, name, value)
+    else:
+        object.__setattr__(owner, name, value)
+
+
 def _restore() -> None:
     while _patches:
         owner, name, original, replacement, own = _patches.pop()
-        if vars(owner).get(name) is not replacement:
+        if _own(owner, name) is not replacement:
             telemetry.log_event(
                 ("uninstall", name),
                 "ctxguard: %s.%s was replaced again after ctxguard patched it;"
@@ -64,7 +89,7 @@ def _restore() -> None:
             )
             continue
         if own:
-            setattr(owner, name, original)
+            _set(owner, name, original)
         else:
             delattr(owner, name)
 
@@ -77,5 +102,6 @@ def uninstall() -> None:
     """
     with _lock:
         _restore()
+        threads.reset()
         ledger.reset()
         telemetry.reset()

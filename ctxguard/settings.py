@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 ENVIRONMENTS = ("production", "development", "testing")
 POLICIES = ("enforce", "warn", "strict", "off")
+PROPAGATIONS = ("off", "app")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -18,6 +19,7 @@ ENV_ENVIRONMENT = "CTXGUARD_ENVIRONMENT"
 ENV_POLICY = "CTXGUARD_POLICY"
 ENV_HEAL = "CTXGUARD_HEAL"
 ENV_DISABLED = "CTXGUARD_DISABLED"
+ENV_PROPAGATE = "CTXGUARD_PROPAGATE"
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,7 @@ class Options:
     policy: str
     heal: bool | None
     disabled: bool
+    propagate: str = "off"
 
     def environment_for(self, debug: bool, testing: bool) -> str:
         if self.environment is not None:
@@ -76,6 +79,7 @@ def resolve(
     environment: str | None = None,
     policy: str | None = None,
     heal: bool | None = None,
+    propagate: str | None = None,
 ) -> Options:
     """Validate the arguments and fill the gaps from the environment variables."""
     if environment is not None:
@@ -96,4 +100,17 @@ def resolve(
     elif os.environ.get(ENV_HEAL):
         heal = _flag(os.environ[ENV_HEAL], ENV_HEAL)
 
-    return Options(environment=environment, policy=policy, heal=heal, disabled=disabled())
+    if propagate is not None:
+        propagate = _choice(propagate, PROPAGATIONS, "propagate")
+    elif os.environ.get(ENV_PROPAGATE):
+        propagate = _choice(os.environ[ENV_PROPAGATE], PROPAGATIONS, ENV_PROPAGATE)
+    else:
+        propagate = "off"
+
+    return Options(
+        environment=environment,
+        policy=policy,
+        heal=heal,
+        disabled=disabled(),
+        propagate=propagate,
+    )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 logger = logging.getLogger("ctxguard")
 
@@ -56,10 +56,26 @@ THREAD_ID = "thread.id"
 THREAD_NAME = "thread.name"
 HTTP_ROUTE = "http.route"
 HTTP_METHOD = "http.request.method"
+EXCEPTION_TYPE = "exception.type"
+EXCEPTION_MESSAGE = "exception.message"
+EXCEPTION_STACKTRACE = "exception.stacktrace"
 
 # Attribute values.
 KIND_APP = "app"
 KIND_REQUEST = "request"
+PROXY_REQUEST = "request"
+PROXY_SESSION = "session"
+PROXY_G = "g"
+PROXY_CURRENT_APP = "current_app"
+PROXY_REQUEST_CTX = "request_ctx"
+PROXY_APP_CTX = "app_ctx"
+WORKER_REQUEST = "request"
+WORKER_THREAD = "thread"
+WORKER_EXECUTOR = "executor"
+WORKER_GREENLET = "greenlet"
+WORKER_TASK = "task"
+WORKER_CLI = "cli"
+WORKER_MAIN = "main"
 SITE_REQUEST_START = "request_start"
 SITE_REQUEST_END = "request_end"
 SITE_THREAD_EXIT = "thread_exit"
@@ -301,17 +317,37 @@ def count(name: str, attributes: Mapping[str, Any]) -> None:
         fault(f"counter {name}", exc)
 
 
+def current_span_context() -> Any:
+    """The active span's context if it is a real (sampled or not) span, else None.
+
+    Taken when work is handed to a thread, so the error span there can link
+    back to the request that spawned it.
+    """
+    try:
+        context = trace.get_current_span().get_span_context()
+        return context if context.is_valid else None
+    except Exception as exc:
+        fault("span context", exc)
+        return None
+
+
 def span(
     name: str,
     attributes: Mapping[str, Any],
     *,
     throttle_key: Any = None,
     exception: BaseException | None = None,
+    stacktrace: Callable[[], str] | None = None,
+    link: Any = None,
 ) -> None:
     """Emit one finished ERROR span, at most once per second per ``throttle_key``.
 
     The next span let through for the same key carries how many were dropped
-    in ``ctxguard.suppressed``. Never raises.
+    in ``ctxguard.suppressed``. With ``stacktrace`` the exception is recorded
+    as an ``exception`` event built from what it returns (cheap, and only
+    called when the span is let through); otherwise
+    ``record_exception`` formats the traceback itself. ``link`` is a span
+    context to link to (the request that spawned the work). Never raises.
     """
     try:
         if throttle_key is not None:
@@ -322,10 +358,23 @@ def span(
                 attributes = {**attributes, SUPPRESSED: dropped}
         tracer = _tracer()
         clean = {k: v for k, v in attributes.items() if v is not None}
-        sp = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=clean)
+        links = (Link(link),) if link is not None else None
+        sp = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=clean, links=links)
         try:
             if exception is not None:
-                sp.record_exception(exception)
+                if stacktrace is None:
+                    sp.record_exception(exception)
+                else:
+                    sp.add_event(
+                        "exception",
+                        {
+                            EXCEPTION_TYPE: type(exception).__qualname__,
+                            EXCEPTION_MESSAGE: str(exception),
+                            EXCEPTION_STACKTRACE: (
+                                f"{stacktrace()}\n{type(exception).__qualname__}: {exception}"
+                            ),
+                        },
+                    )
             sp.set_status(Status(StatusCode.ERROR))
         finally:
             sp.end()

@@ -1,0 +1,60 @@
+"""Reporting a leaked context: the one place that says it, whoever found it.
+
+The middleware finds leaks at the start and end of requests, the threading
+hooks at the end of a thread or an executor task; both report them here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import frames, ledger, telemetry
+from .ledger import OpenContext, Origin, RequestInfo, Worker
+
+
+def report(item: OpenContext, w: Worker, site: str, *, ambient: bool = False) -> None:
+    """Count and report one leaked context, once; the span names its push site.
+
+    A context pushed in a thread or an executor task carries the origin of
+    the request that started that work, when there was one.
+    """
+    ledger.mark_reported(item)
+    location = item.location
+    request: RequestInfo | Origin | None = item.request
+    if request is None:
+        request = w.origin
+    attributes: dict[str, Any] = {
+        telemetry.CONTEXT_KIND: item.kind,
+        telemetry.LEAK_SITE: site,
+        telemetry.CONTEXT_AGE: round(item.age, 6),
+        telemetry.THREAD_ID: w.ident,
+        telemetry.THREAD_NAME: w.name,
+    }
+    if location is not None:
+        attributes[telemetry.CODE_FUNCTION] = location.function
+        attributes[telemetry.CODE_FILE] = location.file
+        attributes[telemetry.CODE_LINE] = location.line
+    if request is not None:
+        attributes[telemetry.HTTP_ROUTE] = request.route
+        attributes[telemetry.HTTP_METHOD] = request.http_method
+    telemetry.count(telemetry.LEAKS, {telemetry.CONTEXT_KIND: item.kind, telemetry.LEAK_SITE: site})
+    key = (item.kind, site, item.site if location is not None else request and request.route)
+    telemetry.span(telemetry.SPAN_CONTEXT_LEAK, attributes, throttle_key=key)
+    if ambient:
+        reason = "pushed outside any request and shared by every request on this worker"
+    elif request is not None and item.request is None:
+        reason = f"pushed in work started by request {request.http_method} {request.route}"
+    elif request is not None:
+        reason = f"pushed during request {request.http_method} {request.route or '<unmatched>'}"
+    else:
+        reason = "never popped"
+    telemetry.log_event(
+        ("leak", key),
+        "ctxguard: %s context leaked (%s), %s; pushed at %s, %.3fs ago, thread %s",
+        item.kind,
+        site,
+        reason,
+        frames.where(location, "a place Flask chose (no user code on the stack)"),
+        item.age,
+        w.name,
+    )

@@ -1,0 +1,317 @@
+"""Flask's proxies, reporting when they are used outside their context.
+
+Each of ``request``, ``session``, ``g``, ``current_app``, ``request_ctx`` and
+``app_ctx`` is a Werkzeug ``LocalProxy`` whose ``_get_current_object`` looks
+its context up. The proxy objects themselves get a replacement, so code that
+imported them long before ctxguard was installed is covered too. The
+replacement does exactly Werkzeug's work when the context is there; only
+when it is not does it report, then raise the very ``RuntimeError`` Werkzeug
+raises (same message, no chained cause).
+
+Not every failure reaches the user: Werkzeug answers ``bool(request)``,
+``repr(request)``, ``isinstance(x, ...)``, ``dir()``, ``__doc__`` and
+``__wrapped__`` with a fallback. Those are not errors and are not reported.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+from collections.abc import Callable, Iterator
+from types import CodeType, FrameType
+from typing import Any
+
+from . import frames, ledger, telemetry, threads
+
+#: The proxies in ``flask.globals``, and the context each one needs.
+PROXIES = (
+    (telemetry.PROXY_REQUEST, telemetry.KIND_REQUEST),
+    (telemetry.PROXY_SESSION, telemetry.KIND_REQUEST),
+    (telemetry.PROXY_REQUEST_CTX, telemetry.KIND_REQUEST),
+    (telemetry.PROXY_G, telemetry.KIND_APP),
+    (telemetry.PROXY_CURRENT_APP, telemetry.KIND_APP),
+    (telemetry.PROXY_APP_CTX, telemetry.KIND_APP),
+)
+
+_getframe = sys._getframe
+#: Werkzeug's ``_ProxyLookup.__get__``: where fallbacks swallow the error.
+_lookup_code: CodeType | None = None
+
+
+def _werkzeug_lookup(local: Any, get_name: Any, unbound_message: Any) -> Callable[[], Any]:
+    """Werkzeug 2.3 to 3.1's lookup for a proxy over a ``ContextVar``, verbatim.
+
+    Only compared with the proxies' own code: when the bytecode is the same,
+    the guarded version below is the same work on the success path.
+    """
+
+    def _get_current_object() -> Any:
+        try:
+            obj = local.get()
+        except LookupError:
+            raise RuntimeError(unbound_message) from None
+
+        return get_name(obj)
+
+    return _get_current_object
+
+
+def _guarded(proxy: str, kind: str, local: Any, get_name: Any, message: Any) -> Callable[[], Any]:
+    """Werkzeug's lookup, reporting in its ``LookupError`` branch."""
+
+    def _get_current_object() -> Any:
+        try:
+            obj = local.get()
+        except LookupError:
+            error = RuntimeError(message)
+            _outside(proxy, kind, error)
+            raise error from None
+
+        return get_name(obj)
+
+    return _get_current_object
+
+
+def _guarded_merged(
+    proxy: str, kind: str, local: Any, get_name: Any, message: Any
+) -> Callable[[], Any]:
+    """For Flask 3.2, where the request lives in the app context.
+
+    There ``request`` inside an app context without a request finds its
+    context and fails in the context's own property: that failure is
+    reported too, and re-raised as it is.
+    """
+
+    def _get_current_object() -> Any:
+        try:
+            obj = local.get()
+        except LookupError:
+            error = RuntimeError(message)
+            _outside(proxy, kind, error)
+            raise error from None
+        try:
+            return get_name(obj)
+        except RuntimeError as error:
+            _outside(proxy, kind, error)
+            raise
+
+    return _get_current_object
+
+
+def _wrapped(proxy: str, kind: str, original: Any, message: str | None) -> Callable[[], Any]:
+    """For internals that are not Werkzeug's known ones: slower, still exact."""
+
+    def _get_current_object() -> Any:
+        try:
+            return original()
+        except RuntimeError as error:
+            if message is None or str(error) == message:
+                _outside(proxy, kind, error)
+            raise
+
+    return _get_current_object
+
+
+def _closure(func: Any) -> dict[str, Any]:
+    code = getattr(func, "__code__", None)
+    cells = getattr(func, "__closure__", None) or ()
+    if code is None or len(code.co_freevars) != len(cells):
+        return {}
+    try:
+        return {
+            name: cell.cell_contents for name, cell in zip(code.co_freevars, cells, strict=True)
+        }
+    except ValueError:  # an empty cell
+        return {}
+
+
+def _is_werkzeugs(func: Any) -> bool:
+    code = getattr(func, "__code__", None)
+    reference = _werkzeug_lookup(None, None, None).__code__
+    return (
+        code is not None
+        and code.co_code == reference.co_code
+        and code.co_names == reference.co_names
+        and code.co_freevars == reference.co_freevars
+        and code.co_varnames == reference.co_varnames
+        and isinstance(_closure(func).get("local"), contextvars.ContextVar)
+    )
+
+
+def _replacement(
+    proxy: str, kind: str, original: Any, app_vars: set[int], default_message: str | None
+) -> Callable[[], Any]:
+    cells = _closure(original)
+    message = cells.get("unbound_message", default_message)
+    if not _is_werkzeugs(original):
+        telemetry.log_event(
+            ("proxy shape", proxy),
+            "ctxguard: flask.%s is not built as Werkzeug 2.3-3.1 builds its proxies;"
+            " guarding it with a plain wrapper (correct, a little slower)",
+            proxy,
+        )
+        guarded = _wrapped(proxy, kind, original, message)
+    else:
+        local = cells["local"]
+        make = _guarded
+        if kind == telemetry.KIND_REQUEST and id(local) in app_vars:
+            make = _guarded_merged  # Flask 3.2: the request is in the app context
+        guarded = make(proxy, kind, local, cells["get_name"], message)
+    guarded.__wrapped__ = original  # type: ignore[attr-defined]
+    guarded.__qualname__ = getattr(original, "__qualname__", guarded.__qualname__)
+    return guarded
+
+
+def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    """The proxies' ``_get_current_object`` attributes, with their replacements."""
+    global _lookup_code
+    import flask.globals
+    import werkzeug.local
+
+    lookup = getattr(werkzeug.local, "_ProxyLookup", None)
+    _lookup_code = getattr(getattr(lookup, "__get__", None), "__code__", None)
+    messages = {
+        telemetry.KIND_APP: getattr(flask.globals, "_no_app_msg", None),
+        telemetry.KIND_REQUEST: getattr(flask.globals, "_no_req_msg", None),
+    }
+    found = []
+    for name, kind in PROXIES:
+        proxy = getattr(flask.globals, name, None)
+        if isinstance(proxy, werkzeug.local.LocalProxy):
+            found.append((name, kind, proxy, object.__getattribute__(proxy, "_get_current_object")))
+    app_vars = {
+        id(_closure(original).get("local"))
+        for _, kind, _, original in found
+        if kind == telemetry.KIND_APP
+    }
+    for name, kind, proxy, original in found:
+        yield (
+            proxy,
+            "_get_current_object",
+            _replacement(name, kind, original, app_vars, messages[kind]),
+        )
+
+
+# --------------------------------------------------------------------------
+# The report (cold path: the user's code is about to get a RuntimeError).
+
+
+def _outside(proxy: str, kind: str, error: RuntimeError) -> None:
+    """Report a proxy used outside its context, unless Werkzeug swallows it."""
+    try:
+        caller = _getframe(2)  # whoever asked the proxy for its object
+        if _swallowed(caller):
+            return
+        report(proxy, kind, error, caller)
+    except Exception as exc:
+        telemetry.fault("proxy error", exc)
+
+
+def _swallowed(frame: FrameType) -> bool:
+    """Is Werkzeug asking, for a lookup that answers with a fallback instead?"""
+    if frame.f_code is not _lookup_code:
+        return False
+    lookup = frame.f_locals.get("self")
+    return getattr(lookup, "fallback", None) is not None
+
+
+def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> None:
+    """Count the error, and emit its span (rate limited per site) and log line."""
+    w = ledger.worker()
+    worker_kind = threads.kind_of(w)
+    origin = w.origin if w.origin is not None else w.request
+    route = origin.route if origin is not None else None
+    site = frames.site_from(caller, 64, through_stdlib=True)
+    location = frames.describe(site)
+
+    counted: dict[str, Any] = {
+        telemetry.PROXY: proxy,
+        telemetry.CONTEXT_KIND: kind,
+        telemetry.WORKER_KIND: worker_kind,
+    }
+    if route is not None:
+        counted[telemetry.HTTP_ROUTE] = route
+    telemetry.count(telemetry.ERRORS, counted)
+
+    text = hint(proxy, kind, worker_kind, origin is not None, location)
+    attributes: dict[str, Any] = {
+        **counted,
+        telemetry.THREAD_ID: w.ident,
+        telemetry.THREAD_NAME: w.name,
+        telemetry.HINT: text,
+    }
+    if location is not None:
+        attributes[telemetry.CODE_FUNCTION] = location.function
+        attributes[telemetry.CODE_FILE] = location.file
+        attributes[telemetry.CODE_LINE] = location.line
+    if origin is not None:
+        attributes[telemetry.HTTP_METHOD] = origin.http_method
+        attributes[telemetry.ORIGIN_ENDPOINT] = origin.endpoint
+    key = site if site is not None else (proxy, worker_kind)
+    telemetry.span(
+        telemetry.SPAN_CONTEXT_ERROR,
+        attributes,
+        throttle_key=key,
+        exception=error,
+        stacktrace=lambda: frames.stack_text(caller),
+        link=getattr(origin, "span_context", None),
+    )
+    telemetry.log_event(
+        ("error", key),
+        "ctxguard: %s used outside %s context at %s (%s worker%s). %s",
+        proxy,
+        "a request" if kind == telemetry.KIND_REQUEST else "an application",
+        frames.where(location, "an unknown place"),
+        worker_kind,
+        f", started by {origin.http_method} {origin.route}" if origin is not None else "",
+        text,
+    )
+
+
+def _is_main(location: frames.Location) -> bool:
+    """Is this the script being run (its top level is not an import)?"""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is not None and os.path.abspath(main) == os.path.abspath(location.file)
+
+
+def hint(
+    proxy: str,
+    kind: str,
+    worker_kind: str,
+    spawned: bool,
+    location: frames.Location | None,
+) -> str:
+    """One sentence: the fix that fits this case."""
+    if location is not None and location.function == "<module>" and not _is_main(location):
+        return (
+            f"`{proxy}` is used at import time: move this code into a function that runs"
+            " during a request or inside `with app.app_context():`."
+        )
+    if kind == telemetry.KIND_REQUEST:
+        if spawned:
+            return (
+                f"This {worker_kind} outlives the request that started it: pass the values it"
+                f" needs from `{proxy}` in as arguments, or wrap the function with"
+                " `flask.copy_current_request_context`."
+            )
+        if ledger.current(telemetry.KIND_APP) is not None:
+            return (
+                f"There is an application context here but no request: pass the values from"
+                f" `{proxy}` in as arguments, or use `app.test_request_context()` in tests."
+            )
+        return (
+            f"No request is being handled here: pass the values from `{proxy}` in as"
+            " arguments from the view that has them, or use `app.test_request_context()`"
+            " in tests."
+        )
+    if spawned:
+        return (
+            "Pass the app in (`current_app._get_current_object()`) and run this work inside"
+            " `with app.app_context():`, or start the ctxguard extension with"
+            ' `propagate="app"`.'
+        )
+    return (
+        "No application context is pushed here: run this code inside"
+        " `with app.app_context():` (for workers, scripts and CLI tasks)."
+    )

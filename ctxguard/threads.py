@@ -1,0 +1,267 @@
+"""Threads and executor tasks: where their work came from, and what they left open.
+
+``Thread.start`` and ``ThreadPoolExecutor.submit`` take the origin of the
+work when a request is being handled (route template, method, endpoint and
+the active span), so an error or a leak in the thread names the request that
+spawned it. At the end of a thread's ``run``, and of each executor task, a
+context still pushed is a leak (``thread_exit``, ``task_end``).
+
+``start`` wraps the thread's own ``run`` (an instance attribute, as Sentry
+does), which covers ``Timer`` and every subclass that overrides ``run``.
+
+Optional (``propagate="app"``): work started inside a request of an app that
+asked for it runs inside a fresh application context of that app, so
+``current_app`` and ``g`` work there while ``request`` still fails loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import FunctionType, MethodType
+from typing import Any
+
+from . import leaks, ledger, telemetry
+from .ledger import Origin, Worker
+
+#: The module of the executor's own worker loop: its threads carry no origin.
+_EXECUTOR_MODULE = ThreadPoolExecutor.__module__
+#: Apps whose spawned work gets an application context (``propagate="app"``).
+_propagating: weakref.WeakSet[Any] = weakref.WeakSet()
+#: False once uninstalled: wrappers already handed out then step aside.
+_active = False
+
+
+def propagate_app(app: Any) -> None:
+    """Threads and tasks started in ``app``'s requests get an app context of ``app``."""
+    _propagating.add(app)
+
+
+# --------------------------------------------------------------------------
+# What kind of worker is this?
+
+
+def kind_of(w: Worker) -> str:
+    """The ``ctxguard.worker.kind`` of the code running on ``w`` now."""
+    if w.request is not None:
+        return telemetry.WORKER_REQUEST
+    if w.kind is not None:
+        return w.kind
+    if "gevent" in sys.modules and _in_greenlet():
+        return telemetry.WORKER_GREENLET
+    if "asyncio" in sys.modules and _in_task():
+        return telemetry.WORKER_TASK
+    if "click" in sys.modules and _in_cli():
+        return telemetry.WORKER_CLI
+    if threading.current_thread() is threading.main_thread():
+        return telemetry.WORKER_MAIN
+    return telemetry.WORKER_THREAD
+
+
+def _in_greenlet() -> bool:
+    try:
+        import greenlet
+
+        return greenlet.getcurrent().parent is not None  # not the thread's main greenlet
+    except Exception:
+        return False
+
+
+def _in_task() -> bool:
+    try:
+        import asyncio
+
+        return asyncio.current_task() is not None
+    except Exception:  # no running event loop
+        return False
+
+
+def _in_cli() -> bool:
+    try:
+        import click
+
+        return click.get_current_context(silent=True) is not None
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Binding the origin in the worker, and the balance check at the end.
+
+
+def _capture() -> tuple[Origin | None, Any]:
+    """The request handing work over (if any), and the app to propagate."""
+    ctx = ledger.current(telemetry.KIND_REQUEST)
+    if ctx is None:
+        return None, None
+    origin = Origin(getattr(ctx, "request", None), telemetry.current_span_context())
+    app = getattr(ctx, "app", None) if len(_propagating) else None
+    return origin, app if app is not None and app in _propagating else None
+
+
+def _enter(kind: str, origin: Origin | None, app: Any) -> tuple[Worker, Any, Any] | None:
+    try:
+        w = ledger.worker()
+        previous = (w.kind, w.origin)
+        w.kind, w.origin = kind, origin
+    except Exception as exc:
+        telemetry.fault("thread start", exc)
+        return None
+    ctx = None
+    if app is not None:
+        try:
+            ctx = app.app_context()
+            ctx.push()
+        except Exception as exc:
+            telemetry.fault("propagated app context", exc)
+            ctx = None
+    return w, previous, ctx
+
+
+def _exit(state: tuple[Worker, Any, Any] | None, site: str) -> None:
+    if state is None:
+        return
+    w, previous, ctx = state
+    try:
+        if ctx is not None and ledger.current(telemetry.KIND_APP) is ctx:
+            try:
+                ctx.pop()
+            except Exception as exc:  # a teardown function of the app raised
+                telemetry.log_event(
+                    ("propagated teardown", site),
+                    "ctxguard: a teardown function raised while popping the propagated"
+                    " app context: %r",
+                    exc,
+                )
+        if w.open:
+            for item in ledger.open_contexts(w):
+                # A request's contexts are the middleware's to judge when the request
+                # ends (its body may still be streaming from here).
+                if item.reported or item.request is not None:
+                    continue
+                if ctx is None or item.context() is not ctx:
+                    leaks.report(item, w, site)
+    except Exception as exc:
+        telemetry.fault("thread end check", exc)
+    finally:
+        w.kind, w.origin = previous
+
+
+# --------------------------------------------------------------------------
+# The hooks.
+
+
+def _bound(original: Any, instance: Any) -> Any:
+    """``original`` bound to ``instance``, whatever wrapper it is by now."""
+    if type(original) is FunctionType:
+        return MethodType(original, instance)
+    return original.__get__(instance, type(instance))
+
+
+def _make_start(original: Any) -> Callable[..., Any]:
+    def start(self: Any, *args: Any, **kwargs: Any) -> Any:
+        run = None
+        if _active:
+            try:
+                run = _prepare(self)
+            except Exception as exc:
+                telemetry.fault("thread start", exc)
+        try:
+            return _bound(original, self)(*args, **kwargs)
+        except BaseException:
+            if run is not None and vars(self).get("run") is run:
+                del vars(self)["run"]  # never started: leave the thread as it was
+            raise
+
+    return functools.wraps(original)(start)
+
+
+def _prepare(thread: Any) -> MethodType | None:
+    """Give ``thread`` a ``run`` that binds the origin and checks the balance."""
+    current = vars(thread).get("run")
+    if type(current) is MethodType and getattr(current.__func__, "_ctxguard", False):
+        return None  # started twice, or ``start`` is wrapped twice
+    target = getattr(thread, "_target", None)
+    if getattr(target, "__module__", None) == _EXECUTOR_MODULE:
+        kind, origin, app = telemetry.WORKER_EXECUTOR, None, None  # the pool's own thread
+    else:
+        kind = telemetry.WORKER_THREAD
+        origin, app = _capture()
+    inner = thread.run
+    # A plain bound method is called through its function with the thread, as
+    # Sentry's wrapper calls what it wraps; anything else is called as it is.
+    func = inner.__func__ if type(inner) is MethodType and inner.__self__ is thread else None
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _active:
+            return func(self, *args, **kwargs) if func is not None else inner(*args, **kwargs)
+        state = _enter(kind, origin, app)
+        try:
+            if func is not None:
+                return func(self, *args, **kwargs)
+            return inner(*args, **kwargs)
+        finally:
+            _exit(state, telemetry.SITE_THREAD_EXIT)
+            # Break the thread -> run -> thread cycle once the thread is done.
+            mine = vars(self).get("run")
+            if type(mine) is MethodType and mine.__func__ is run:
+                del vars(self)["run"]
+
+    functools.update_wrapper(run, func if func is not None else inner)
+    run._ctxguard = True  # type: ignore[attr-defined]
+    bound = MethodType(run, thread)
+    vars(thread)["run"] = bound
+    return bound
+
+
+def _make_submit(original: Any) -> Callable[..., Any]:
+    def submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if _active:
+            try:
+                fn = _task(fn)
+            except Exception as exc:
+                telemetry.fault("executor submit", exc)
+        return _bound(original, self)(fn, *args, **kwargs)
+
+    return functools.wraps(original)(submit)
+
+
+def _task(fn: Any) -> Callable[..., Any]:
+    origin, app = _capture()
+
+    def task(*args: Any, **kwargs: Any) -> Any:
+        if not _active:
+            return fn(*args, **kwargs)
+        state = _enter(telemetry.WORKER_EXECUTOR, origin, app)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _exit(state, telemetry.SITE_TASK_END)
+
+    try:
+        functools.update_wrapper(task, fn)
+    except Exception:
+        pass  # an odd callable: the task still runs it
+    return task
+
+
+def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    """``Thread.start`` (and ``Timer.start`` if something gave it its own),
+    and ``ThreadPoolExecutor.submit``, with their replacements."""
+    global _active
+    _active = True
+    yield threading.Thread, "start", _make_start(vars(threading.Thread)["start"])
+    if "start" in vars(threading.Timer):
+        yield threading.Timer, "start", _make_start(vars(threading.Timer)["start"])
+    yield ThreadPoolExecutor, "submit", _make_submit(vars(ThreadPoolExecutor)["submit"])
+
+
+def reset() -> None:
+    """Step aside: wrappers already handed out call straight through."""
+    global _active
+    _active = False
+    _propagating.clear()
