@@ -76,7 +76,13 @@ def _clear_flask_contexts() -> None:
 
 @pytest.fixture(autouse=True)
 def clean_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("CTXGUARD_ENVIRONMENT", "CTXGUARD_POLICY", "CTXGUARD_HEAL", "CTXGUARD_DISABLED"):
+    for name in (
+        "CTXGUARD_ENVIRONMENT",
+        "CTXGUARD_POLICY",
+        "CTXGUARD_HEAL",
+        "CTXGUARD_DISABLED",
+        "CTXGUARD_PROPAGATE",
+    ):
         monkeypatch.delenv(name, raising=False)
     ctxguard.uninstall()
     _clear_flask_contexts()
