@@ -288,11 +288,21 @@ class _Body:
             return
         close = getattr(body, "close", None)
         del body
+        here = None
         try:
             if close is not None:
+                # Close callbacks are still the request's: what they push, and the
+                # proxies they touch after its context is gone, are attributed to it.
+                here = self._worker if self._worker.ident == _get_ident() else _worker()
+                if here.request is None:
+                    here.request = self._info
+                else:
+                    here = None
                 close()
         finally:
             del close
+            if here is not None:
+                here.request = None
             self._guard._check_end(self._worker, self._info)
 
     def __del__(self) -> None:

@@ -264,7 +264,10 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
         "a request" if kind == telemetry.KIND_REQUEST else "an application",
         frames.where(location, "an unknown place"),
         worker_kind,
-        f", started by {origin.http_method} {origin.route}" if origin is not None else "",
+        ""
+        if origin is None
+        else f", {'serving' if w.origin is None else 'started by'}"
+        f" {origin.http_method} {origin.route or '<unmatched>'}",
         text,
     )
 
@@ -287,6 +290,12 @@ def hint(
         return (
             f"`{proxy}` is used at import time: move this code into a function that runs"
             " during a request or inside `with app.app_context():`."
+        )
+    if worker_kind == telemetry.WORKER_REQUEST:
+        return (
+            "This runs after the request's context was popped, while its response is"
+            " streamed or closed: wrap the generator with `flask.stream_with_context`, or"
+            " the callback with `flask.copy_current_request_context`."
         )
     if kind == telemetry.KIND_REQUEST:
         if spawned:
