@@ -4,11 +4,16 @@ A small Flask app runs under Werkzeug's threaded server on 127.0.0.1 with the
 OpenTelemetry SDK exporting to memory. The demo makes the mistakes users make
 (a view that pushes a context and never pops it, a ``stream_with_context``
 body abandoned mid-stream and finalised on another thread, an app context
-pushed outside any request on a worker), then prints what ctxguard recorded.
+pushed outside any request on a worker, a background thread that reads the
+request's ``Authorization`` header, ``current_app`` in a script with no app
+context, a worker that pushes an app context and raises before popping it),
+then prints what ctxguard recorded.
 
 Every figure printed is read back from the SDK's in-memory span exporter and
 metric reader: nothing is assumed. The process exits 1 if a scenario did not
-produce what it should.
+produce what it should. The ``Authorization`` value the client sends appears
+nowhere in the output, and the demo checks that it is in no span, metric
+point or log line either.
 """
 
 from __future__ import annotations
@@ -22,13 +27,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from flask import Flask, Response, g, has_app_context, request, stream_with_context
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    g,
+    has_app_context,
+    request,
+    stream_with_context,
+)
 from flask.ctx import AppContext
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.test import create_environ
@@ -41,6 +55,10 @@ SDK_MISSING = (
 )
 
 Teardowns = list[tuple[str, str]]
+#: What the client sends as its ``Authorization`` header: a stand-in for a
+#: real token, which must never reach the output, the spans, the metrics or
+#: the log lines.
+AUTHORIZATION = "Bearer demo-9f2c47e1b8a3-not-a-real-token"
 #: Metric data points: (metric name, sorted attributes) -> value.
 Totals = dict[tuple[str, tuple[tuple[str, Any], ...]], int]
 
@@ -49,10 +67,66 @@ Totals = dict[tuple[str, tuple[tuple[str, Any], ...]], int]
 # The bundled app, as a user would write it (mistakes included).
 
 
-def create_app() -> tuple[Flask, Teardowns]:
+@dataclass
+class Background:
+    """What the app's background work did, as its log would tell it."""
+
+    threads: list[threading.Thread] = field(default_factory=list)
+    #: (what failed, the exception it caught). Kept without its traceback, as a
+    #: log handler keeps only the text: the frames would keep the dead thread's
+    #: ledger alive.
+    failures: list[tuple[str, BaseException]] = field(default_factory=list)
+    #: Operation logs saved: (operation, order id, user id).
+    saved: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def current_user_id() -> int:
+    """The user behind the request's token (a passport service's helper)."""
+    auth_header = request.headers.get("Authorization", "")  # read where there is no request
+    return zlib.crc32(auth_header.encode()) % 10_000
+
+
+def save_operation_log(background: Background, operation: str, order_id: int) -> None:
+    """Background work started by a view: it needs the user, so it asks the request."""
+    try:
+        background.saved.append((operation, order_id, current_user_id()))
+    except RuntimeError as exc:  # what the seed's user found in their logs
+        background.failures.append(("Failed to save the operation log", exc.with_traceback(None)))
+
+
+def nightly_report() -> str:
+    """A script's entry point, run as ``python report.py`` would run it."""
+    return str(current_app.config["REPORT_BUCKET"])  # no application context in a script
+
+
+def process_data(job: dict[str, Any]) -> int:
+    return len(job["rows"])  # a malformed job raises KeyError
+
+
+def process_task(app: Flask, job: dict[str, Any]) -> int:
+    """A worker's job: pushes an app context by hand, and a failure skips the pop."""
+    app_ctx = app.app_context()
+    app_ctx.push()  # popped only when process_data() succeeds
+    result = process_data(job)
+    app_ctx.pop()
+    return result
+
+
+def worker_loop(app: Flask, jobs: list[dict[str, Any]], background: Background) -> None:
+    """A hand-written queue worker: logs a failed job and goes on to the next one."""
+    for job in jobs:
+        try:
+            process_task(app, job)
+        except Exception as exc:
+            background.failures.append(("job failed", exc.with_traceback(None)))
+
+
+def create_app() -> tuple[Flask, Teardowns, Background]:
     """A few plain pages, and the context mistakes ctxguard is there to catch."""
     app = Flask(__name__)
+    app.config["REPORT_BUCKET"] = "reports"
     teardowns: Teardowns = []  # (g.label, thread name) per teardown_appcontext
+    background = Background()
 
     @app.teardown_appcontext
     def count_teardown(exc: BaseException | None) -> None:
@@ -101,7 +175,17 @@ def create_app() -> tuple[Flask, Teardowns]:
         app.app_context().push()  # pushed, never popped
         return "done"
 
-    return app, teardowns
+    @app.route("/orders/<int:order_id>/export", methods=["POST"])
+    def export_orders(order_id: int) -> str:
+        user_id = current_user_id()  # fine here: this request is being handled
+        log = threading.Thread(
+            target=save_operation_log, args=(background, "export", order_id), name="oplog"
+        )
+        log.start()  # the operation log is saved in the background
+        background.threads.append(log)
+        return f"export of order {order_id} started for user {user_id}"
+
+    return app, teardowns, background
 
 
 def boot_worker(app: Flask, booted: list[AppContext]) -> None:
@@ -147,12 +231,32 @@ class Recorded:
                         found[metric.name, attrs] = int(point.value)
         return found
 
-    def leaks(self) -> list[dict[str, Any]]:
+    def spans(self, name: str) -> list[dict[str, Any]]:
         return [
             dict(span.attributes or {})
             for span in self.exporter.get_finished_spans()
-            if span.name == telemetry.SPAN_CONTEXT_LEAK
+            if span.name == name
         ]
+
+    def leaks(self) -> list[dict[str, Any]]:
+        return self.spans(telemetry.SPAN_CONTEXT_LEAK)
+
+    def errors(self) -> list[dict[str, Any]]:
+        return self.spans(telemetry.SPAN_CONTEXT_ERROR)
+
+    def texts(self) -> Iterator[str]:
+        """Every string exported so far: span names, attributes, events, links, metric points."""
+        for span in self.exporter.get_finished_spans():
+            yield span.name
+            yield from map(str, dict(span.attributes or {}).values())
+            for event in span.events:
+                yield event.name
+                yield from map(str, dict(event.attributes or {}).values())
+            for link in span.links:
+                yield from map(str, dict(link.attributes or {}).values())
+        for (name, attrs), _ in self.totals().items():
+            yield name
+            yield from (str(v) for _, v in attrs)
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
@@ -235,6 +339,12 @@ class Quiet:
     def server_errors(self) -> int:
         return sum(1 for r in self.logs["werkzeug"].records if r.levelno >= logging.ERROR)
 
+    def texts(self) -> Iterator[str]:
+        """Every log line captured, formatted as a handler would write it."""
+        for capture in self.logs.values():
+            for record in capture.records:
+                yield record.getMessage()
+
 
 # --------------------------------------------------------------------------
 # Driving requests.
@@ -262,9 +372,15 @@ class Client:
         # No proxy, whatever the environment says: the server is on 127.0.0.1.
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def get(self, path: str) -> str:
+    def get(self, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> str:
+        sent = urllib.request.Request(
+            self.base + path,
+            data=b"" if method == "POST" else None,
+            headers=headers or {},
+            method=method,
+        )
         try:
-            with self.opener.open(self.base + path, timeout=10) as response:
+            with self.opener.open(sent, timeout=10) as response:
                 response.read()
                 status = str(response.status)
         except urllib.error.HTTPError as exc:
@@ -430,6 +546,158 @@ def ambient_context(app: Flask, recorded: Recorded) -> Outcome:
     )
 
 
+def _by_function(spans: list[dict[str, Any]], function: str) -> list[dict[str, Any]]:
+    return [s for s in spans if str(s.get(telemetry.CODE_FUNCTION, "")).endswith(function)]
+
+
+def _first_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no exception"
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _error_text(span: dict[str, Any] | None) -> str:
+    """Proxy, user code site, origin route and hint of one ``ctxguard.context_error`` span."""
+    if span is None:
+        return "no ctxguard.context_error span"
+    route = span.get(telemetry.HTTP_ROUTE)
+    origin = (
+        f"route {route} ({span.get(telemetry.HTTP_METHOD)}, endpoint"
+        f" {span.get(telemetry.ORIGIN_ENDPOINT)})"
+        if route
+        else "route - (no request started this work)"
+    )
+    return (
+        f"proxy {span.get(telemetry.PROXY)}, at {_where(span)}, worker"
+        f' {span.get(telemetry.WORKER_KIND)}, {origin}, hint: "{span.get(telemetry.HINT)}"'
+    )
+
+
+def background_thread(
+    client: Client, recorded: Recorded, background: Background, path: str = "/orders/7/export"
+) -> Outcome:
+    """A view starts a thread that reads the request's Authorization header."""
+    before, seen = recorded.totals(), len(recorded.errors())
+    status = client.get(path, "POST", {"Authorization": AUTHORIZATION})
+    for thread in background.threads:
+        thread.join(10)
+    errors = _delta(before, recorded.totals(), telemetry.ERRORS, proxy=telemetry.PROXY_REQUEST)
+    found = _by_function(recorded.errors()[seen:], "current_user_id")
+    span = found[0] if found else None
+    failure = next(
+        (exc for what, exc in background.failures if what.startswith("Failed to save")), None
+    )
+    ok = (
+        status == "200"
+        and errors == 1
+        and len(found) == 1
+        and span is not None
+        and span.get(telemetry.HTTP_ROUTE) == "/orders/<int:order_id>/export"
+        and span.get(telemetry.WORKER_KIND) == telemetry.WORKER_THREAD
+        and bool(span.get(telemetry.HINT))
+        and isinstance(failure, RuntimeError)
+        and not background.saved
+    )
+    return Outcome(
+        "4 thread",
+        f"POST {path} (with an Authorization header) answered HTTP {status} and started"
+        f" thread oplog, where save_operation_log() called current_user_id(), which read"
+        f' request.headers. The thread logged "Failed to save the operation log:'
+        f' {_first_line(failure)}"; ctxguard counted {errors} error, and its span says:'
+        f" {_error_text(span)}",
+        ok,
+    )
+
+
+def script_without_context(recorded: Recorded) -> Outcome:
+    """A script-like function reads ``current_app.config`` with no app context."""
+    before, seen = recorded.totals(), len(recorded.errors())
+    failure: RuntimeError | None = None
+    try:
+        nightly_report()
+    except RuntimeError as exc:
+        failure = exc
+    errors = _delta(before, recorded.totals(), telemetry.ERRORS, proxy=telemetry.PROXY_CURRENT_APP)
+    found = _by_function(recorded.errors()[seen:], "nightly_report")
+    span = found[0] if found else None
+    ok = (
+        failure is not None
+        and errors == 1
+        and len(found) == 1
+        and span is not None
+        and telemetry.HTTP_ROUTE not in span
+        and bool(span.get(telemetry.HINT))
+    )
+    return Outcome(
+        "5 script",
+        f"nightly_report(), a script's entry point called outside any context (on the"
+        f" demo's thread {threading.current_thread().name}), read"
+        f' current_app.config["REPORT_BUCKET"] and got "{_first_line(failure)}"; ctxguard'
+        f" counted {errors} error, and its span says: {_error_text(span)}",
+        ok,
+    )
+
+
+def worker_leak(app: Flask, recorded: Recorded, background: Background) -> Outcome:
+    """A worker pushes an app context by hand and raises before popping it."""
+    before, seen = recorded.totals(), len(recorded.leaks())
+    failed = len(background.failures)
+    # A job without "rows" makes process_data() raise between the push and the pop.
+    thread = threading.Thread(
+        target=worker_loop, args=(app, [{"id": 1}], background), name="queue-worker"
+    )
+    thread.start()
+    thread.join(10)
+    with ThreadPoolExecutor(1, thread_name_prefix="task-worker") as pool:
+        task_error = pool.submit(process_task, app, {"id": 2}).exception(timeout=10)
+        stale = pool.submit(has_app_context).result(timeout=10)
+        pool_thread = pool.submit(lambda: threading.current_thread().name).result(timeout=10)
+    after = recorded.totals()
+    at_exit = _delta(before, after, telemetry.LEAKS, leak_site=telemetry.SITE_THREAD_EXIT)
+    at_end = _delta(before, after, telemetry.LEAKS, leak_site=telemetry.SITE_TASK_END)
+    spans = _by_function(recorded.leaks()[seen:], "process_task")
+    sites = sorted(str(s.get(telemetry.LEAK_SITE)) for s in spans)
+    logged = [exc for _, exc in background.failures[failed:]]
+    ok = (
+        at_exit == 1
+        and at_end == 1
+        and sites == [telemetry.SITE_TASK_END, telemetry.SITE_THREAD_EXIT]
+        and len(logged) == 1
+        and isinstance(logged[0], KeyError)
+        and isinstance(task_error, KeyError)
+    )
+    return Outcome(
+        "6 worker",
+        f"process_task() pushed app.app_context() by hand and process_data() raised"
+        f' "{_first_line(task_error)}" before the pop, once on thread queue-worker (its loop'
+        f" logged the failed job and went on) and once as a ThreadPoolExecutor task on"
+        f" {pool_thread}. ctxguard counted {at_exit} leak at thread_exit and {at_end} leak"
+        f" at task_end, both pushed at {_where(spans[0] if spans else None)}. The pooled"
+        f" thread kept the context: the next task there still had an application context"
+        f" (has_app_context() = {stale}).",
+        ok,
+    )
+
+
+def header_privacy(recorded: Recorded, quiet: Quiet) -> Outcome:
+    """The Authorization value is in no span, metric point or log line."""
+    exported = list(recorded.texts())
+    logged = list(quiet.texts())
+    found = sum(1 for text in [*exported, *logged] if _SECRET in text)
+    return Outcome(
+        "privacy",
+        f"the Authorization value sent in scenario 4 appears in {found} of the"
+        f" {len(exported)} exported strings (span names, attributes, events, metric points)"
+        f" and {len(logged)} log lines, and nowhere in this output.",
+        found == 0,
+    )
+
+
+#: The token without its scheme: what must not appear anywhere.
+_SECRET = AUTHORIZATION.split(" ", 1)[1]
+
+
 # --------------------------------------------------------------------------
 # Printing.
 
@@ -485,6 +753,20 @@ def leaks_table(spans: list[dict[str, Any]]) -> list[str]:
     return _table(rows, ["kind", "site", "pushed at", "route", "thread"])
 
 
+def errors_table(spans: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [
+            str(s.get(telemetry.PROXY, "?")),
+            str(s.get(telemetry.WORKER_KIND, "?")),
+            _where(s),
+            str(s.get(telemetry.HTTP_ROUTE) or "-"),
+            str(s.get(telemetry.THREAD_NAME, "?")),
+        ]
+        for s in spans
+    ]
+    return _table(rows, ["proxy", "worker", "used at", "route", "thread"])
+
+
 def _paragraph(label: str, text: str, ok: bool) -> str:
     head = f"  {label + ':':<14}"
     body = text if ok else f"UNEXPECTED: {text}"
@@ -512,7 +794,7 @@ def run() -> int:
 
     import ctxguard
 
-    app, teardowns = create_app()
+    app, teardowns, background = create_app()
     ctxguard.CtxGuard(
         app,
         environment="production",
@@ -534,6 +816,9 @@ def run() -> int:
                 view_leak(client, recorded, quiet),
                 abandoned_stream(app, teardowns, recorded, quiet),
                 ambient_context(app, recorded),
+                background_thread(client, recorded, background),
+                script_without_context(recorded),
+                worker_leak(app, recorded, background),
             ]
         finally:
             server.shutdown()
@@ -542,6 +827,8 @@ def run() -> int:
         gc.collect()
         totals = recorded.totals()
         spans = recorded.leaks()
+        errors = recorded.errors()
+        outcomes.append(header_privacy(recorded, quiet))
         open_left = sum(len(w["contexts"]) for w in ctxguard.snapshot()["workers"])
         ctxguard.uninstall()
         recorded.shutdown()
@@ -557,6 +844,9 @@ def run() -> int:
         "Leaks (ctxguard.context_leak spans, InMemorySpanExporter):",
         *leaks_table(spans),
         "",
+        "Errors (ctxguard.context_error spans, InMemorySpanExporter):",
+        *errors_table(errors),
+        "",
         "What happened:",
         *(_paragraph(o.label, o.text, o.ok) for o in outcomes),
     ]
@@ -570,7 +860,12 @@ def run() -> int:
     lines += ["", textwrap.fill(footer, width=100)]
     if faults:
         lines += ["UNEXPECTED: ctxguard reported internal errors:", *faults]
+    text = "\n".join(lines)
+    if _SECRET in text:  # never print it, even when something went wrong
+        ok = False
+        text = text.replace(_SECRET, "<the Authorization value>")
+        text += "\nUNEXPECTED: the Authorization value was about to be printed."
     if not ok:
-        lines.append("Some results were not as expected (marked UNEXPECTED above).")
-    print("\n".join(lines))
+        text += "\nSome results were not as expected (marked UNEXPECTED above)."
+    print(text)
     return 0 if ok else 1
