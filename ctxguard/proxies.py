@@ -16,7 +16,6 @@ Not every failure reaches the user: Werkzeug answers ``bool(request)``,
 from __future__ import annotations
 
 import contextvars
-import os
 import sys
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
@@ -234,7 +233,10 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
         counted[telemetry.HTTP_ROUTE] = route
     telemetry.count(telemetry.ERRORS, counted)
 
-    text = hint(proxy, kind, worker_kind, origin is not None, location)
+    importing = (
+        location is not None and location.function == "<module>" and _importing(caller, site)
+    )
+    text = hint(proxy, kind, worker_kind, origin is not None, importing)
     attributes: dict[str, Any] = {
         **counted,
         telemetry.THREAD_ID: w.ident,
@@ -272,10 +274,19 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
     )
 
 
-def _is_main(location: frames.Location) -> bool:
-    """Is this the script being run (its top level is not an import)?"""
-    main = getattr(sys.modules.get("__main__"), "__file__", None)
-    return main is not None and os.path.abspath(main) == os.path.abspath(location.file)
+def _importing(frame: FrameType | None, site: frames.Site | None) -> bool:
+    """Is the user's frame a module body run by an import?
+
+    importlib marks a module's spec while it runs the body for an import; a
+    script run as ``__main__``, ``python -c`` and a shell's input are not.
+    """
+    code = site[0] if site is not None else None
+    while frame is not None:
+        if frame.f_code is code:
+            spec = frame.f_globals.get("__spec__")
+            return bool(getattr(spec, "_initializing", False))
+        frame = frame.f_back
+    return False
 
 
 def hint(
@@ -283,10 +294,10 @@ def hint(
     kind: str,
     worker_kind: str,
     spawned: bool,
-    location: frames.Location | None,
+    importing: bool,
 ) -> str:
     """One sentence: the fix that fits this case."""
-    if location is not None and location.function == "<module>" and not _is_main(location):
+    if importing:
         return (
             f"`{proxy}` is used at import time: move this code into a function that runs"
             " during a request or inside `with app.app_context():`."
