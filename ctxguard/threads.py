@@ -137,7 +137,8 @@ def _exit(state: tuple[Worker, Any, Any] | None, site: str) -> None:
                     " app context: %r",
                     exc,
                 )
-        if w.open:
+        # Uninstalled meanwhile: pops since went unseen, so the ledger cannot judge.
+        if w.open and _active:
             for item in ledger.open_contexts(w):
                 # A request's contexts are the middleware's to judge when the request
                 # ends (its body may still be streaming from here).
@@ -254,10 +255,18 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     and ``ThreadPoolExecutor.submit``, with their replacements."""
     global _active
     _active = True
-    yield threading.Thread, "start", _make_start(vars(threading.Thread)["start"])
-    if "start" in vars(threading.Timer):
+    # After gevent's monkey-patching ``threading.Thread`` is gevent's subclass,
+    # which inherits ``start``: patch the class that defines it.
+    owner = _defining(threading.Thread, "start")
+    yield owner, "start", _make_start(vars(owner)["start"])
+    if "start" in vars(threading.Timer) and threading.Timer is not owner:
         yield threading.Timer, "start", _make_start(vars(threading.Timer)["start"])
-    yield ThreadPoolExecutor, "submit", _make_submit(vars(ThreadPoolExecutor)["submit"])
+    owner = _defining(ThreadPoolExecutor, "submit")
+    yield owner, "submit", _make_submit(vars(owner)["submit"])
+
+
+def _defining(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
 
 
 def reset() -> None:
