@@ -10,6 +10,19 @@ alike; the figure that matters is the ratio of medians, not the microseconds.
     hooks patch Flask's context classes for every app, so the bare rounds run
     with ``ctxguard.uninstall()`` and the guarded rounds after ``install()``.
 (b) an ``app.app_context()`` push and pop, without and with the ledger.
+(c) ``request.method`` inside a request context (one ``test_request_context()``
+    pushed per timed loop, outside the timing): the proxies' guarded
+    ``_get_current_object`` against Werkzeug's own (``uninstall()`` puts it back).
+(d) ``threading.Thread(target=noop).start()`` and ``join()``, with and without
+    the threading hooks; ``ThreadPoolExecutor.submit(noop).result()`` for
+    information (one pool per timed loop, its thread started before the timing).
+(e) one recorded error: ``request.method`` outside any context, caught, with
+    ctxguard reporting to a real SDK (``InMemorySpanExporter``). The span rate
+    limit (one per second per code site) is defeated for the "span each" row by
+    setting ``ctxguard.telemetry._spans.interval`` to 0 in that row's setup (and
+    back to ``SPAN_INTERVAL`` for every other row), so every access emits its span;
+    the "rate limited" row keeps the limit (counter only, span dropped). The
+    figure is microseconds over the same failing access uninstalled.
 
 The ``+ SDK`` variants run with a real OpenTelemetry SDK ``MeterProvider`` and
 ``TracerProvider``: the hot path reads no instrument, so they cost the same.
@@ -26,16 +39,20 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import wsgiref.util
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from flask import Flask
+from flask import request as flask_request
 
 import ctxguard
+from ctxguard import telemetry
 
 HELLO = b"Hello, World!"
 
@@ -43,6 +60,15 @@ HELLO = b"Hello, World!"
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 REQUEST_TARGET = 1.03
 CONTEXT_TARGET = 1.10
+PROXY_TARGET = 1.02
+THREAD_TARGET = 1.10
+#: Microseconds one reported error may add to the failing access (span emitted).
+ERROR_TARGET_US = 30.0
+GROUPS = "abcde"
+
+#: Werkzeug's lookup and Thread.start as they were before anything was installed.
+_WERKZEUG_LOOKUP = object.__getattribute__(flask_request, "_get_current_object")
+_THREAD_START = vars(threading.Thread)["start"]
 
 ENVIRON: dict[str, Any] = {
     "REQUEST_METHOD": "GET",
@@ -127,9 +153,67 @@ def time_app_context(app: Flask, n: int, now: Callable[[], float]) -> float:
     return (now() - start) / n
 
 
+def time_proxy_reads(app: Flask, n: int, now: Callable[[], float]) -> float:
+    """Seconds per ``request.method`` read, inside one request context."""
+    ctx = app.test_request_context()
+    ctx.push()
+    try:
+        proxy = flask_request
+        start = now()
+        for _ in range(n):
+            proxy.method  # noqa: B018 (the read is what is timed)
+        return (now() - start) / n
+    finally:
+        ctx.pop()
+
+
+def _noop() -> None:
+    pass
+
+
+def time_threads(n: int, now: Callable[[], float]) -> float:
+    """Seconds per ``Thread(target=noop)`` started and joined."""
+    thread_class = threading.Thread
+    start = now()
+    for _ in range(n):
+        thread = thread_class(target=_noop)
+        thread.start()
+        thread.join()
+    return (now() - start) / n
+
+
+def time_executor(n: int, now: Callable[[], float]) -> float:
+    """Seconds per ``submit(noop).result()`` on a one-thread pool already running."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(_noop).result()  # the pool's thread starts outside the timing
+        submit = pool.submit
+        start = now()
+        for _ in range(n):
+            submit(_noop).result()
+        elapsed = now() - start
+    return elapsed / n
+
+
+def time_failing_reads(n: int, now: Callable[[], float]) -> float:
+    """Seconds per ``request.method`` outside any context, its RuntimeError caught."""
+    proxy = flask_request
+    start = now()
+    for _ in range(n):
+        try:
+            proxy.method  # noqa: B018 (the failing read is what is timed)
+        except RuntimeError:
+            pass
+    return (now() - start) / n
+
+
 @dataclass
 class Variant:
-    """One way to run an operation; ``setup`` puts the process in its state."""
+    """One way to run an operation; ``setup`` puts the process in its state.
+
+    Against its ``baseline`` a variant is judged by the ratio of medians
+    (``target``) or, for a rare event's cost, by the difference of medians in
+    microseconds (``target_us``).
+    """
 
     name: str
     setup: Callable[[], None]
@@ -137,6 +221,7 @@ class Variant:
     n: int
     baseline: Variant | None = None
     target: float | None = None
+    target_us: float | None = None
     samples: list[float] = field(default_factory=list)
 
 
@@ -170,6 +255,15 @@ class Sdk:
     def install(self) -> None:
         ctxguard.uninstall()
         ctxguard.install(tracer_provider=self.tracer_provider, meter_provider=self.meter_provider)
+        telemetry._spans.interval = telemetry.SPAN_INTERVAL
+
+    def install_unthrottled(self) -> None:
+        """Installed, with every error span let through (no per-site rate limit)."""
+        self.install()
+        telemetry._spans.interval = 0.0
+
+    def spans(self) -> int:
+        return len(self.exporter.get_finished_spans())
 
     def points(self) -> dict[str, int]:
         """Sum of every ctxguard metric's data points, by metric name."""
@@ -185,11 +279,13 @@ class Sdk:
 
 def uninstalled() -> None:
     ctxguard.uninstall()
+    telemetry._spans.interval = telemetry.SPAN_INTERVAL
 
 
 def installed() -> None:
     ctxguard.uninstall()
     ctxguard.install()
+    telemetry._spans.interval = telemetry.SPAN_INTERVAL
 
 
 def sanity(bare: Flask, guarded: Flask, sdk: Sdk | None) -> list[str]:
@@ -248,6 +344,18 @@ def sanity(bare: Flask, guarded: Flask, sdk: Sdk | None) -> list[str]:
                 "  SDK: 100 requests -> ctxguard.context.pushes=200 (observable),"
                 " 0 synchronous counter points, 0 spans"
             )
+    problems = _sanity_proxies_threads(bare, sdk)
+    if problems:
+        ok = False
+        lines.extend(f"  {problem}" for problem in problems)
+    elif sdk is not None:
+        lines += [
+            "  (c) request.method reads through ctxguard's lookup installed, Werkzeug's"
+            " uninstalled",
+            "  (d) installed, a thread's and a task's leaked contexts are counted",
+            "  (e) 100 failing reads -> ctxguard.context.errors +100, and 100 spans"
+            " unthrottled, 1 span rate limited; nothing uninstalled",
+        ]
     uninstalled()
     lines.insert(
         0,
@@ -261,8 +369,71 @@ def sanity(bare: Flask, guarded: Flask, sdk: Sdk | None) -> list[str]:
     return lines
 
 
+def _leak_app_context(app: Flask) -> None:
+    app.app_context().push()
+
+
+def _sanity_proxies_threads(app: Flask, sdk: Sdk | None) -> list[str]:
+    """(c), (d) and (e) measure ctxguard's hooks installed and Flask's own uninstalled."""
+    problems = []
+    for setup, guarded in ((uninstalled, False), (installed, True)):
+        setup()
+        lookup = object.__getattribute__(flask_request, "_get_current_object")
+        if (lookup is not _WERKZEUG_LOOKUP) != guarded or (
+            guarded and getattr(lookup, "__wrapped__", None) is not _WERKZEUG_LOOKUP
+        ):
+            problems.append(f"(c) {setup.__name__}: request's lookup is {lookup!r}")
+        with app.test_request_context():
+            if flask_request.method != "GET":
+                problems.append(f"(c) {setup.__name__}: request.method is not GET")
+        if (vars(threading.Thread)["start"] is not _THREAD_START) != guarded:
+            problems.append(f"(d) {setup.__name__}: Thread.start is not as expected")
+    if sdk is None:
+        uninstalled()
+        return problems
+
+    def failing(n: int) -> tuple[int, int]:
+        errors, spans = sdk.points().get(telemetry.ERRORS, 0), sdk.spans()
+        for _ in range(n):
+            try:
+                flask_request.method  # noqa: B018
+            except RuntimeError:
+                pass
+        return sdk.points().get(telemetry.ERRORS, 0) - errors, sdk.spans() - spans
+
+    sdk.install()
+    leaks = sdk.points().get(telemetry.LEAKS, 0)
+    thread = threading.Thread(target=_leak_app_context, args=(app,))
+    thread.start()
+    thread.join()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(_leak_app_context, app).result()
+    if sdk.points().get(telemetry.LEAKS, 0) - leaks != 2:
+        problems.append("(d) installed: a thread's and a task's leaks were not both counted")
+    for setup, expected in (
+        (sdk.install_unthrottled, (100, 100)),
+        (sdk.install, (100, 1)),
+        (uninstalled, (0, 0)),
+    ):
+        setup()
+        seen = failing(100)
+        if seen != expected:
+            problems.append(
+                f"(e) {setup.__name__}: 100 failing reads gave (errors, spans) = {seen},"
+                f" expected {expected}"
+            )
+    sdk.exporter.clear()
+    uninstalled()
+    return problems
+
+
 def variants(
-    bare: Flask, guarded: Flask, sdk: Sdk | None, quick: bool, now: Callable[[], float]
+    bare: Flask,
+    guarded: Flask,
+    sdk: Sdk | None,
+    quick: bool,
+    now: Callable[[], float],
+    groups: str = GROUPS,
 ) -> list[Variant]:
     n_request = 400 if quick else 2000
     n_context = 4000 if quick else 20000
@@ -286,15 +457,101 @@ def variants(
     b_ledger = Variant(
         "(b) app_context push+pop, ledger", installed, contexts, n_context, b, CONTEXT_TARGET
     )
-    if sdk is None:
-        return [a, a_guarded, b, b_ledger]
-    a_sdk = Variant(
-        "(a) request, CtxGuard + SDK", sdk.install, requests_guarded, n_request, a, REQUEST_TARGET
-    )
-    b_sdk = Variant(
-        "(b) app_context, ledger + SDK", sdk.install, contexts, n_context, b, CONTEXT_TARGET
-    )
-    return [a, a_guarded, a_sdk, b, b_ledger, b_sdk]
+    chosen: list[Variant] = []
+    if "a" in groups:
+        chosen += [a, a_guarded]
+        if sdk is not None:
+            chosen.append(
+                Variant(
+                    "(a) request, CtxGuard + SDK",
+                    sdk.install,
+                    requests_guarded,
+                    n_request,
+                    a,
+                    REQUEST_TARGET,
+                )
+            )
+    if "b" in groups:
+        chosen += [b, b_ledger]
+        if sdk is not None:
+            chosen.append(
+                Variant(
+                    "(b) app_context, ledger + SDK",
+                    sdk.install,
+                    contexts,
+                    n_context,
+                    b,
+                    CONTEXT_TARGET,
+                )
+            )
+    if "c" in groups:
+        chosen += proxy_variants(bare, quick, now)
+    if "d" in groups:
+        chosen += thread_variants(quick, now)
+    if "e" in groups and sdk is not None:
+        chosen += error_variants(sdk, quick, now)
+    return chosen
+
+
+def proxy_variants(app: Flask, quick: bool, now: Callable[[], float]) -> list[Variant]:
+    n = 40_000 if quick else 200_000
+
+    def reads(n: int) -> float:
+        return time_proxy_reads(app, n, now)
+
+    c = Variant("(c) request.method, uninstalled", uninstalled, reads, n)
+    return [c, Variant("(c) request.method, installed", installed, reads, n, c, PROXY_TARGET)]
+
+
+def thread_variants(quick: bool, now: Callable[[], float]) -> list[Variant]:
+    n_thread = 300 if quick else 1500
+    n_task = 1000 if quick else 5000
+
+    def threads(n: int) -> float:
+        return time_threads(n, now)
+
+    def tasks(n: int) -> float:
+        return time_executor(n, now)
+
+    d = Variant("(d) Thread start+join, uninstalled", uninstalled, threads, n_thread)
+    d_pool = Variant("(d) executor submit+result, uninst.", uninstalled, tasks, n_task)
+    return [
+        d,
+        Variant("(d) Thread start+join, installed", installed, threads, n_thread, d, THREAD_TARGET),
+        d_pool,
+        # For information: no target.
+        Variant("(d) executor submit+result, inst.", installed, tasks, n_task, d_pool),
+    ]
+
+
+def error_variants(sdk: Sdk, quick: bool, now: Callable[[], float]) -> list[Variant]:
+    n_fail = 2000 if quick else 10_000
+    n_span = 400 if quick else 2000
+
+    def failing(n: int) -> float:
+        sdk.exporter.clear()  # the spans of the last loop, outside the timing
+        return time_failing_reads(n, now)
+
+    e = Variant("(e) failing request.method, uninst.", uninstalled, failing, n_fail)
+    return [
+        e,
+        Variant(
+            "(e) error reported, span each (SDK)",
+            sdk.install_unthrottled,
+            failing,
+            n_span,
+            e,
+            target_us=ERROR_TARGET_US,
+        ),
+        Variant(
+            "(e) error reported, rate limited",
+            sdk.install,
+            failing,
+            n_fail,
+            e,
+            target_us=ERROR_TARGET_US,
+        ),
+    ]
 
 
 def measure(all_variants: list[Variant], rounds: int) -> None:
@@ -317,8 +574,9 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def table(all_variants: list[Variant]) -> str:
+    """One row per variant: ratio (or microseconds more) against its baseline."""
     header = (
-        f"{'variant':36} {'median us/op':>12} {'IQR %':>6} {'ratio':>6}"
+        f"{'variant':36} {'median us/op':>12} {'IQR %':>6} {'ratio':>7}"
         f" {'paired p10-p90':>15} {'target':>7}  verdict"
     )
     lines = [header, "-" * len(header)]
@@ -326,15 +584,23 @@ def table(all_variants: list[Variant]) -> str:
         median = statistics.median(v.samples)
         iqr = (_quantile(v.samples, 0.75) - _quantile(v.samples, 0.25)) / median * 100
         ratio = paired = target = verdict = ""
-        if v.baseline is not None and v.target is not None:
+        if v.baseline is not None and v.target_us is not None:
+            extra = (median - statistics.median(v.baseline.samples)) * 1e6
+            pairs = [(s - b) * 1e6 for s, b in zip(v.samples, v.baseline.samples, strict=True)]
+            ratio = f"+{extra:.2f}"
+            paired = f"+{_quantile(pairs, 0.1):.1f}-{_quantile(pairs, 0.9):.1f}us"
+            target = f"<={v.target_us:.0f}us"
+            verdict = "PASS" if extra <= v.target_us else "over"
+        elif v.baseline is not None:
             value = median / statistics.median(v.baseline.samples)
             pairs = [s / b for s, b in zip(v.samples, v.baseline.samples, strict=True)]
             ratio = f"{value:.3f}"
             paired = f"{_quantile(pairs, 0.1):.3f}-{_quantile(pairs, 0.9):.3f}"
-            target = f"<={v.target:.2f}"
-            verdict = "PASS" if value <= v.target else "over"
+            if v.target is not None:
+                target = f"<={v.target:.2f}"
+                verdict = "PASS" if value <= v.target else "over"
         lines.append(
-            f"{v.name:36} {median * 1e6:12.2f} {iqr:6.1f} {ratio:>6}"
+            f"{v.name:36} {median * 1e6:12.2f} {iqr:6.1f} {ratio:>7}"
             f" {paired:>15} {target:>7}  {verdict}"
         )
     return "\n".join(lines)
@@ -353,6 +619,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="number of rounds (default 25, quick 7)")
     parser.add_argument("--no-sdk", action="store_true", help="skip the OpenTelemetry SDK rows")
     parser.add_argument(
+        "--cpu",
+        type=int,
+        help="pin the process to this one CPU (Linux): steadier (d), whose thread start and"
+        " join otherwise include cross-CPU wake-ups",
+    )
+    parser.add_argument(
+        "--only",
+        default=GROUPS,
+        help="which groups to run, among abcde (default: all; (e) needs the SDK)",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -360,9 +637,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rounds = args.rounds or (7 if args.quick else 25)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
 
     # Re-creating the SDK instruments on every install() is expected here.
     logging.getLogger("opentelemetry").setLevel(logging.ERROR)
+    # (e) makes errors on purpose: their once-a-minute log line goes nowhere (the
+    # throttle that decides it still runs, as in production).
+    logging.getLogger("ctxguard").addHandler(logging.NullHandler())
+    logging.getLogger("ctxguard").propagate = False
 
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()},"
@@ -371,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         f" ctxguard {_version('ctxguard')} ({os.path.dirname(ctxguard.__file__)}),"
         f" opentelemetry-api {_version('opentelemetry-api')},"
         f" opentelemetry-sdk {_version('opentelemetry-sdk')}"
+        + (f"; pinned to CPU {args.cpu}" if args.cpu is not None else "")
     )
     bare = make_app("bare")
     guarded = make_app("guarded")
@@ -379,11 +663,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for line in sanity(bare, guarded, sdk):
         print(line)
-    all_variants = variants(bare, guarded, sdk, args.quick, CLOCKS[args.clock])
+    all_variants = variants(bare, guarded, sdk, args.quick, CLOCKS[args.clock], args.only)
     print(
         f"{rounds} rounds, variants alternated (order reversed every other round);"
         f" clock: {args.clock}; ratio = median / median of the bare variant;"
-        " paired = per-round ratios"
+        " paired = per-round ratios; for (e), us more than the failing access uninstalled"
     )
     measure(all_variants, rounds)
     print(table(all_variants))
