@@ -9,20 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 from . import frames, ledger, telemetry
-from .ledger import OpenContext, Origin, RequestInfo, Worker
+from .ledger import OpenContext, Worker
 
 
-def report(item: OpenContext, w: Worker, site: str, *, ambient: bool = False) -> None:
+def report(
+    item: OpenContext, w: Worker, site: str, *, ambient: bool = False, origin: Any = None
+) -> None:
     """Count and report one leaked context, once; the span names its push site.
 
-    A context pushed in a thread or an executor task carries the origin of
-    the request that started that work, when there was one.
+    A context pushed in a thread or an executor task is reported with the
+    ``origin`` of the request that started that work, when there was one (an
+    object with ``route`` and ``http_method``).
     """
     ledger.mark_reported(item)
     location = item.location
-    request: RequestInfo | Origin | None = item.request
-    if request is None:
-        request = w.origin
+    request: Any = item.request if item.request is not None else origin
     attributes: dict[str, Any] = {
         telemetry.CONTEXT_KIND: item.kind,
         telemetry.LEAK_SITE: site,

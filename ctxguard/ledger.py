@@ -100,42 +100,19 @@ class RequestInfo:
         return {"method": self.http_method, "route": self.route, "endpoint": self.endpoint}
 
 
-class Origin:
-    """The request that handed work to a thread or an executor.
-
-    Taken when the work is started or submitted; ``span_context`` is the span
-    active then (the request's, when it is traced), for a span link.
-    """
-
-    __slots__ = ("endpoint", "http_method", "route", "span_context")
-
-    def __init__(self, request: Any, span_context: Any) -> None:
-        rule = getattr(request, "url_rule", None)
-        info = RequestInfo(getattr(request, "method", None))
-        info.rule = rule
-        self.route = info.route
-        self.http_method = info.http_method
-        self.endpoint = info.endpoint
-        self.span_context = span_context
-
-
 class Worker:
     """One worker's open contexts.
 
     ``request`` is the request this worker is running code for right now
-    (set by the middleware), so pushes can be attributed to it. ``kind`` and
-    ``origin`` say what runs here (a thread, an executor task) and for which
-    request, when ctxguard started it (set by the threading hooks).
+    (set by the middleware), so pushes can be attributed to it.
     """
 
-    __slots__ = ("__weakref__", "ident", "kind", "name", "open", "origin", "request", "serial")
+    __slots__ = ("__weakref__", "ident", "name", "open", "request", "serial")
 
     def __init__(self, serial: int) -> None:
         thread = threading.current_thread()
         self.open: list[list[Any]] = []
         self.request: RequestInfo | None = None
-        self.kind: str | None = None
-        self.origin: Origin | None = None
         self.ident = threading.get_ident()
         self.name = thread.name
         self.serial = serial
@@ -144,7 +121,10 @@ class Worker:
 # Live workers by serial number. A worker lives as long as its thread's
 # ``threading.local`` storage: when the thread ends its open list goes with it.
 _workers: dict[int, weakref.ref[Worker]] = {}
+# The same, by thread (or greenlet) ident, to find a worker without creating one.
+_by_ident: dict[int, weakref.ref[Worker]] = {}
 _registry_lock = threading.Lock()
+_get_ident = threading.get_ident
 _serials = itertools.count(1)
 _local: Any = threading.local()
 
@@ -152,10 +132,18 @@ _local: Any = threading.local()
 def _new_worker() -> Worker:
     worker = Worker(next(_serials))
     _local.worker = worker
-    serial = worker.serial
+    serial, ident = worker.serial, worker.ident
+
+    def forget(ref: weakref.ref[Worker]) -> None:
+        _workers.pop(serial, None)
+        if _by_ident.get(ident) is ref:
+            del _by_ident[ident]
+
     with _registry_lock:
         # Forgotten when the thread ends, even if nothing ever lists the workers.
-        _workers[serial] = weakref.ref(worker, lambda _: _workers.pop(serial, None))
+        ref = weakref.ref(worker, forget)
+        _workers[serial] = ref
+        _by_ident[ident] = ref
     return worker
 
 
@@ -165,6 +153,22 @@ def worker() -> Worker:
         return _local.worker
     except AttributeError:
         return _new_worker()
+
+
+def existing() -> Worker | None:
+    """The current worker's ledger if it has one; never creates one.
+
+    For checks at the end of a thread: most threads never push a context, and
+    creating their ledger just to find it empty would cost every thread.
+    """
+    ref = _by_ident.get(_get_ident())
+    w = ref() if ref is not None else None
+    if w is None:
+        return None
+    try:
+        return w if _local.worker is w else None  # not a dead thread's with the same ident
+    except AttributeError:
+        return None
 
 
 def live_workers() -> list[Worker]:
@@ -670,5 +674,6 @@ def reset() -> None:
     global _local
     with _registry_lock:
         _workers.clear()
+        _by_ident.clear()
         _reset_counters()
         _local = threading.local()

@@ -216,41 +216,65 @@ def _swallowed(frame: FrameType) -> bool:
 
 
 def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> None:
-    """Count the error, and emit its span (rate limited per site) and log line."""
+    """Count the error, and emit its span (rate limited per site) and log line.
+
+    The counter is exact, so it is added first and cheaply; where the line is
+    and which hint fits are worked out only if a span or a log line goes out.
+    """
     w = ledger.worker()
     worker_kind = threads.kind_of(w)
-    origin = w.origin if w.origin is not None else w.request
-    route = origin.route if origin is not None else None
-    site = frames.site_from(caller, 64, through_stdlib=True)
-    location = frames.describe(site)
-
+    origin = threads.origin_of(w)
     counted: dict[str, Any] = {
         telemetry.PROXY: proxy,
         telemetry.CONTEXT_KIND: kind,
         telemetry.WORKER_KIND: worker_kind,
     }
-    if route is not None:
-        counted[telemetry.HTTP_ROUTE] = route
+    if origin is not None and origin.route is not None:
+        counted[telemetry.HTTP_ROUTE] = origin.route
     telemetry.count(telemetry.ERRORS, counted)
 
-    importing = (
-        location is not None and location.function == "<module>" and _importing(caller, site)
-    )
-    text = hint(proxy, kind, worker_kind, origin is not None, importing)
-    attributes: dict[str, Any] = {
-        **counted,
-        telemetry.THREAD_ID: w.ident,
-        telemetry.THREAD_NAME: w.name,
-        telemetry.HINT: text,
-    }
-    if location is not None:
-        attributes[telemetry.CODE_FUNCTION] = location.function
-        attributes[telemetry.CODE_FILE] = location.file
-        attributes[telemetry.CODE_LINE] = location.line
-    if origin is not None:
-        attributes[telemetry.HTTP_METHOD] = origin.http_method
-        attributes[telemetry.ORIGIN_ENDPOINT] = origin.endpoint
+    site = frames.site_from(caller, 64, through_stdlib=True)
     key = site if site is not None else (proxy, worker_kind)
+    found: list[tuple[frames.Location | None, str]] = []
+
+    def details() -> tuple[frames.Location | None, str]:
+        if not found:
+            location = frames.describe(site)
+            importing = location is not None and location.function == "<module>"
+            importing = importing and _importing(caller, site)
+            found.append((location, hint(proxy, kind, worker_kind, origin is not None, importing)))
+        return found[0]
+
+    def attributes() -> dict[str, Any]:
+        location, text = details()
+        attrs = {
+            **counted,
+            telemetry.THREAD_ID: w.ident,
+            telemetry.THREAD_NAME: w.name,
+            telemetry.HINT: text,
+        }
+        if location is not None:
+            attrs[telemetry.CODE_FUNCTION] = location.function
+            attrs[telemetry.CODE_FILE] = location.file
+            attrs[telemetry.CODE_LINE] = location.line
+        if origin is not None:
+            attrs[telemetry.HTTP_METHOD] = origin.http_method
+            attrs[telemetry.ORIGIN_ENDPOINT] = origin.endpoint
+        return attrs
+
+    def message() -> tuple[str, tuple[Any, ...]]:
+        location, text = details()
+        started = ""
+        if origin is not None:
+            how = "serving" if worker_kind == telemetry.WORKER_REQUEST else "started by"
+            started = f", {how} {origin.http_method} {origin.route or '<unmatched>'}"
+        needed = "a request" if kind == telemetry.KIND_REQUEST else "an application"
+        where = frames.where(location, "an unknown place")
+        return (
+            "ctxguard: %s used outside %s context at %s (%s worker%s). %s",
+            (proxy, needed, where, worker_kind, started, text),
+        )
+
     telemetry.span(
         telemetry.SPAN_CONTEXT_ERROR,
         attributes,
@@ -259,19 +283,7 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
         stacktrace=lambda: frames.stack_text(caller),
         link=getattr(origin, "span_context", None),
     )
-    telemetry.log_event(
-        ("error", key),
-        "ctxguard: %s used outside %s context at %s (%s worker%s). %s",
-        proxy,
-        "a request" if kind == telemetry.KIND_REQUEST else "an application",
-        frames.where(location, "an unknown place"),
-        worker_kind,
-        ""
-        if origin is None
-        else f", {'serving' if w.origin is None else 'started by'}"
-        f" {origin.http_method} {origin.route or '<unmatched>'}",
-        text,
-    )
+    telemetry.log_event(("error", key), message)
 
 
 def _importing(frame: FrameType | None, site: frames.Site | None) -> bool:

@@ -162,11 +162,19 @@ def fault(where: str, exc: BaseException) -> None:
         pass
 
 
-def log_event(key: Any, message: str, *args: Any) -> None:
-    """Log an event once per key per minute on the ``ctxguard`` logger."""
+def log_event(
+    key: Any, message: str | Callable[[], tuple[str, tuple[Any, ...]]], *args: Any
+) -> None:
+    """Log an event once per key per minute on the ``ctxguard`` logger.
+
+    ``message`` may be a function returning the message and its arguments,
+    called only when the line is let through.
+    """
     try:
         allowed, dropped = _logs.allow(key)
         if allowed:
+            if callable(message):
+                message, args = message()
             if dropped:
                 message += " (%d more like this in the last minute)"
                 args = (*args, dropped)
@@ -333,7 +341,7 @@ def current_span_context() -> Any:
 
 def span(
     name: str,
-    attributes: Mapping[str, Any],
+    attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
     *,
     throttle_key: Any = None,
     exception: BaseException | None = None,
@@ -343,7 +351,8 @@ def span(
     """Emit one finished ERROR span, at most once per second per ``throttle_key``.
 
     The next span let through for the same key carries how many were dropped
-    in ``ctxguard.suppressed``. With ``stacktrace`` the exception is recorded
+    in ``ctxguard.suppressed``. ``attributes`` may be a function, called only
+    when the span is let through. With ``stacktrace`` the exception is recorded
     as an ``exception`` event built from what it returns (cheap, and only
     called when the span is let through); otherwise
     ``record_exception`` formats the traceback itself. ``link`` is a span
@@ -354,8 +363,12 @@ def span(
             allowed, dropped = _spans.allow((name, throttle_key))
             if not allowed:
                 return
-            if dropped:
-                attributes = {**attributes, SUPPRESSED: dropped}
+        else:
+            dropped = 0
+        if callable(attributes):
+            attributes = attributes()
+        if dropped:
+            attributes = {**attributes, SUPPRESSED: dropped}
         tracer = _tracer()
         clean = {k: v for k, v in attributes.items() if v is not None}
         links = (Link(link),) if link is not None else None

@@ -26,7 +26,7 @@ from types import FunctionType, MethodType
 from typing import Any
 
 from . import leaks, ledger, telemetry
-from .ledger import Origin, Worker
+from .ledger import RequestInfo, Worker
 
 #: The module of the executor's own worker loop: its threads carry no origin.
 _EXECUTOR_MODULE = ThreadPoolExecutor.__module__
@@ -34,6 +34,7 @@ _EXECUTOR_MODULE = ThreadPoolExecutor.__module__
 _propagating: weakref.WeakSet[Any] = weakref.WeakSet()
 #: False once uninstalled: wrappers already handed out then step aside.
 _active = False
+_get_ident = threading.get_ident
 
 
 def propagate_app(app: Any) -> None:
@@ -46,11 +47,12 @@ def propagate_app(app: Any) -> None:
 
 
 def kind_of(w: Worker) -> str:
-    """The ``ctxguard.worker.kind`` of the code running on ``w`` now."""
+    """The ``ctxguard.worker.kind`` of the code running on ``w`` (this thread) now."""
     if w.request is not None:
         return telemetry.WORKER_REQUEST
-    if w.kind is not None:
-        return w.kind
+    binding = _bindings.get(_get_ident())
+    if binding is not None:
+        return binding[0]
     if "gevent" in sys.modules and _in_greenlet():
         return telemetry.WORKER_GREENLET
     if "asyncio" in sys.modules and _in_task():
@@ -90,7 +92,39 @@ def _in_cli() -> bool:
 
 
 # --------------------------------------------------------------------------
-# Binding the origin in the worker, and the balance check at the end.
+# The origin, bound to the worker while the work runs.
+
+
+class Origin:
+    """The request that handed work to a thread or an executor.
+
+    Taken when the work is started or submitted; ``span_context`` is the span
+    active then (the request's, when it is traced), for a span link.
+    """
+
+    __slots__ = ("endpoint", "http_method", "route", "span_context")
+
+    def __init__(self, request: Any, span_context: Any) -> None:
+        info = RequestInfo(getattr(request, "method", None))
+        info.rule = getattr(request, "url_rule", None)
+        self.route = info.route
+        self.http_method = info.http_method
+        self.endpoint = info.endpoint
+        self.span_context = span_context
+
+
+#: What each thread (or greenlet) runs now for ctxguard, by ident: its worker
+#: kind and origin. Kept apart from the ledger so that a thread that never
+#: pushes a context never gets a ledger of its own.
+_bindings: dict[int, tuple[str, Origin | None]] = {}
+
+
+def origin_of(w: Worker) -> RequestInfo | Origin | None:
+    """The request this code runs for (served here, or that started the work)."""
+    if w.request is not None:
+        return w.request
+    binding = _bindings.get(_get_ident())
+    return binding[1] if binding is not None else None
 
 
 def _capture() -> tuple[Origin | None, Any]:
@@ -103,11 +137,14 @@ def _capture() -> tuple[Origin | None, Any]:
     return origin, app if app is not None and app in _propagating else None
 
 
-def _enter(kind: str, origin: Origin | None, app: Any) -> tuple[Worker, Any, Any] | None:
+_State = tuple[int, "tuple[str, Origin | None] | None", Any, "Origin | None"]
+
+
+def _enter(kind: str, origin: Origin | None, app: Any) -> _State | None:
     try:
-        w = ledger.worker()
-        previous = (w.kind, w.origin)
-        w.kind, w.origin = kind, origin
+        ident = _get_ident()
+        previous = _bindings.get(ident)
+        _bindings[ident] = (kind, origin)
     except Exception as exc:
         telemetry.fault("thread start", exc)
         return None
@@ -119,13 +156,13 @@ def _enter(kind: str, origin: Origin | None, app: Any) -> tuple[Worker, Any, Any
         except Exception as exc:
             telemetry.fault("propagated app context", exc)
             ctx = None
-    return w, previous, ctx
+    return ident, previous, ctx, origin
 
 
-def _exit(state: tuple[Worker, Any, Any] | None, site: str) -> None:
+def _exit(state: _State | None, site: str) -> None:
     if state is None:
         return
-    w, previous, ctx = state
+    ident, previous, ctx, origin = state
     try:
         if ctx is not None and ledger.current(telemetry.KIND_APP) is ctx:
             try:
@@ -137,19 +174,23 @@ def _exit(state: tuple[Worker, Any, Any] | None, site: str) -> None:
                     " app context: %r",
                     exc,
                 )
+        w = ledger.existing()
         # Uninstalled meanwhile: pops since went unseen, so the ledger cannot judge.
-        if w.open and _active:
+        if w is not None and w.open and _active:
             for item in ledger.open_contexts(w):
                 # A request's contexts are the middleware's to judge when the request
                 # ends (its body may still be streaming from here).
                 if item.reported or item.request is not None:
                     continue
                 if ctx is None or item.context() is not ctx:
-                    leaks.report(item, w, site)
+                    leaks.report(item, w, site, origin=origin)
     except Exception as exc:
         telemetry.fault("thread end check", exc)
     finally:
-        w.kind, w.origin = previous
+        if previous is None:
+            _bindings.pop(ident, None)
+        else:
+            _bindings[ident] = previous
 
 
 # --------------------------------------------------------------------------
@@ -165,27 +206,35 @@ def _bound(original: Any, instance: Any) -> Any:
 
 def _make_start(original: Any) -> Callable[..., Any]:
     def start(self: Any, *args: Any, **kwargs: Any) -> Any:
-        run = None
+        prepared = False
         if _active:
             try:
-                run = _prepare(self)
+                prepared = _prepare(self)
             except Exception as exc:
                 telemetry.fault("thread start", exc)
         try:
             return _bound(original, self)(*args, **kwargs)
         except BaseException:
-            if run is not None and vars(self).get("run") is run:
-                del vars(self)["run"]  # never started: leave the thread as it was
+            if prepared:
+                _unprepare(self)  # never started: leave the thread as it was
             raise
 
     return functools.wraps(original)(start)
 
 
-def _prepare(thread: Any) -> MethodType | None:
-    """Give ``thread`` a ``run`` that binds the origin and checks the balance."""
-    current = vars(thread).get("run")
-    if type(current) is MethodType and getattr(current.__func__, "_ctxguard", False):
-        return None  # started twice, or ``start`` is wrapped twice
+_STATE_KEY = "_ctxguard_run"
+
+
+def _prepare(thread: Any) -> bool:
+    """Give ``thread`` a ``run`` that binds the origin and checks the balance.
+
+    The thread's own ``run`` (whatever it is by now: a subclass's, or another
+    library's wrapper) and what to bind are kept in the thread's ``__dict__``,
+    and removed when ``run`` ends, so no reference cycle outlives the thread.
+    """
+    attributes = vars(thread)
+    if _STATE_KEY in attributes:
+        return False  # started twice, or ``start`` is wrapped twice
     target = getattr(thread, "_target", None)
     if getattr(target, "__module__", None) == _EXECUTOR_MODULE:
         kind, origin, app = telemetry.WORKER_EXECUTOR, None, None  # the pool's own thread
@@ -196,27 +245,39 @@ def _prepare(thread: Any) -> MethodType | None:
     # A plain bound method is called through its function with the thread, as
     # Sentry's wrapper calls what it wraps; anything else is called as it is.
     func = inner.__func__ if type(inner) is MethodType and inner.__self__ is thread else None
+    attributes[_STATE_KEY] = (inner, func, kind, origin, app)
+    attributes["run"] = MethodType(run, thread)
+    return True
 
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _active:
-            return func(self, *args, **kwargs) if func is not None else inner(*args, **kwargs)
-        state = _enter(kind, origin, app)
-        try:
-            if func is not None:
-                return func(self, *args, **kwargs)
-            return inner(*args, **kwargs)
-        finally:
-            _exit(state, telemetry.SITE_THREAD_EXIT)
-            # Break the thread -> run -> thread cycle once the thread is done.
-            mine = vars(self).get("run")
-            if type(mine) is MethodType and mine.__func__ is run:
-                del vars(self)["run"]
 
-    functools.update_wrapper(run, func if func is not None else inner)
-    run._ctxguard = True  # type: ignore[attr-defined]
-    bound = MethodType(run, thread)
-    vars(thread)["run"] = bound
-    return bound
+def _unprepare(thread: Any) -> None:
+    attributes = vars(thread)
+    state = attributes.pop(_STATE_KEY, None)
+    mine = attributes.get("run")
+    if type(mine) is MethodType and mine.__func__ is run:
+        if state is not None and state[1] is None and type(state[0]) is not MethodType:
+            attributes["run"] = state[0]  # someone else's instance wrapper was there
+        else:
+            del attributes["run"]
+
+
+def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The thread's ``run``, with the origin bound and the balance checked at the end."""
+    state = vars(self).get(_STATE_KEY)
+    if state is None:  # prepared and undone: nothing to add
+        return type(self).run(self, *args, **kwargs)
+    inner, func, kind, origin, app = state
+    if not _active:
+        _unprepare(self)
+        return func(self, *args, **kwargs) if func is not None else inner(*args, **kwargs)
+    entered = _enter(kind, origin, app)
+    try:
+        if func is not None:
+            return func(self, *args, **kwargs)
+        return inner(*args, **kwargs)
+    finally:
+        _exit(entered, telemetry.SITE_THREAD_EXIT)
+        _unprepare(self)
 
 
 def _make_submit(original: Any) -> Callable[..., Any]:
@@ -274,3 +335,4 @@ def reset() -> None:
     global _active
     _active = False
     _propagating.clear()
+    _bindings.clear()
