@@ -77,8 +77,10 @@ def _in_task() -> bool:
     try:
         import asyncio
 
-        return asyncio.current_task() is not None
-    except Exception:  # no running event loop
+        # Asking for the loop first avoids current_task()'s RuntimeError when there is none.
+        loop = asyncio.events._get_running_loop()
+        return loop is not None and asyncio.current_task(loop) is not None
+    except Exception:
         return False
 
 
