@@ -207,6 +207,8 @@ def _bound(original: Any, instance: Any) -> Any:
 
 
 def _make_start(original: Any) -> Callable[..., Any]:
+    plain = type(original) is FunctionType
+
     def start(self: Any, *args: Any, **kwargs: Any) -> Any:
         prepared = False
         if _active:
@@ -215,6 +217,8 @@ def _make_start(original: Any) -> Callable[..., Any]:
             except Exception as exc:
                 telemetry.fault("thread start", exc)
         try:
+            if plain:
+                return original(self, *args, **kwargs)
             return _bound(original, self)(*args, **kwargs)
         except BaseException:
             if prepared:
@@ -283,12 +287,16 @@ def run(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _make_submit(original: Any) -> Callable[..., Any]:
+    plain = type(original) is FunctionType
+
     def submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         if _active:
             try:
                 fn = _task(fn)
             except Exception as exc:
                 telemetry.fault("executor submit", exc)
+        if plain:
+            return original(self, fn, *args, **kwargs)
         return _bound(original, self)(fn, *args, **kwargs)
 
     return functools.wraps(original)(submit)
