@@ -671,8 +671,9 @@ def reset() -> None:
     Called when the hooks are installed in a clean process state (gevent may
     have patched ``threading.local`` since import) and when they are removed.
     """
-    global _local
+    global _local, _get_ident
     with _registry_lock:
+        _get_ident = threading.get_ident  # gevent's, once it has patched threading
         _workers.clear()
         _by_ident.clear()
         _reset_counters()

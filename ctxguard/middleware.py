@@ -23,7 +23,7 @@ from .ledger import RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
 _worker = ledger.worker
-_get_ident = threading.get_ident
+
 #: Bodies whose iteration runs no application code.
 _PLAIN = (list, tuple)
 
@@ -275,7 +275,7 @@ class _Body:
             for chunk in body:
                 w.request = None
                 yield chunk
-                if w.ident != _get_ident():
+                if w.ident != threading.get_ident():
                     w = _worker()  # the server iterates on another thread than the app ran on
                 w.request = info
         finally:
@@ -293,7 +293,7 @@ class _Body:
             if close is not None:
                 # Close callbacks are still the request's: what they push, and the
                 # proxies they touch after its context is gone, are attributed to it.
-                here = self._worker if self._worker.ident == _get_ident() else _worker()
+                here = self._worker if self._worker.ident == threading.get_ident() else _worker()
                 if here.request is None:
                     here.request = self._info
                 else:
@@ -315,7 +315,7 @@ class _Body:
             # pop normally, and anything left is stale at the next request;
             # finalised on another thread, they cannot be popped: a leak.
             self._body = None
-            if self._worker.ident != _get_ident():
+            if self._worker.ident != threading.get_ident():
                 self._guard._check_end(self._worker, self._info)
         except Exception as exc:
             telemetry.fault("response finaliser", exc)

@@ -324,8 +324,9 @@ def _task(fn: Any) -> Callable[..., Any]:
 def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     """``Thread.start`` (and ``Timer.start`` if something gave it its own),
     and ``ThreadPoolExecutor.submit``, with their replacements."""
-    global _active
+    global _active, _get_ident
     _active = True
+    _get_ident = threading.get_ident  # gevent's, once it has patched threading
     # After gevent's monkey-patching ``threading.Thread`` is gevent's subclass,
     # which inherits ``start``: patch the class that defines it.
     owner = _defining(threading.Thread, "start")

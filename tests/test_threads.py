@@ -872,13 +872,19 @@ def test_failed_start_raises_the_same_error_and_leaves_no_run_behind(telemetry):
 # 7. gevent: every greenlet is a worker (in a subprocess: monkey-patching is for good).
 
 
-def test_gevent_greenlets_are_workers():
+@pytest.mark.parametrize("import_first", [False, True], ids=["patch-first", "import-first"])
+def test_gevent_greenlets_are_workers(import_first):
     """Under ``monkey.patch_all()``: a greenlet spawned by a view that touches ``request`` is
     a "greenlet" worker; two greenlets pushing app contexts have separate ledgers; a
-    ``threading.Thread`` (a greenlet now) started in a view carries the view's origin."""
+    ``threading.Thread`` (a greenlet now) started in a view carries the view's origin. The
+    same when ctxguard was imported before gevent patched, as long as it is installed after."""
     script = os.path.join(HERE, "threads_gevent.py")
+    env = dict(os.environ)
+    env.pop("CTXGUARD_TEST_IMPORT_FIRST", None)
+    if import_first:
+        env["CTXGUARD_TEST_IMPORT_FIRST"] = "1"
     done = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=120, cwd=HERE
+        [sys.executable, script], capture_output=True, text=True, timeout=120, cwd=HERE, env=env
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])

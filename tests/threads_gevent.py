@@ -3,6 +3,12 @@
 Prints one JSON line with what the SDK's in-memory exporter and reader saw.
 """
 
+import os
+
+if os.environ.get("CTXGUARD_TEST_IMPORT_FIRST"):
+    # ctxguard (and Flask) imported before gevent patches; installed after.
+    import ctxguard
+
 from gevent import monkey
 
 monkey.patch_all()
