@@ -15,31 +15,12 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from flask import Flask, g, stream_with_context
 from helpers import line_of
-from werkzeug.serving import make_server
 
 import ctxguard
 
 LEAKS = "ctxguard.context.leaks"
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    servers = []
-
-    def start(app: Flask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        thread.join(10)
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -27,7 +27,6 @@ from flask import (
     request,
 )
 from helpers import call, line_of
-from werkzeug.serving import make_server
 
 import ctxguard
 
@@ -163,24 +162,6 @@ def test_work_started_in_a_view_names_the_request_that_started_it(telemetry, how
     }
     assert telemetry.value(ERRORS, counted) == 1
     assert telemetry.value(ERRORS) == 1
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Flask], str]]:
-    """Werkzeug's threaded development server on 127.0.0.1, on a free port."""
-    servers = []
-
-    def start(app: Flask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        thread.join(10)
 
 
 def test_threaded_server_thread_from_a_view_carries_the_origin(telemetry, serve):
