@@ -30,11 +30,8 @@ def report(
         telemetry.CONTEXT_AGE: round(item.age, 6),
         telemetry.THREAD_ID: w.ident,
         telemetry.THREAD_NAME: w.name,
+        **telemetry.code_attributes(location),
     }
-    if location is not None:
-        attributes[telemetry.CODE_FUNCTION] = location.function
-        attributes[telemetry.CODE_FILE] = location.file
-        attributes[telemetry.CODE_LINE] = location.line
     if request is not None:
         attributes[telemetry.HTTP_ROUTE] = request.route
         attributes[telemetry.HTTP_METHOD] = request.http_method

@@ -252,11 +252,8 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
             telemetry.THREAD_ID: w.ident,
             telemetry.THREAD_NAME: w.name,
             telemetry.HINT: text,
+            **telemetry.code_attributes(location),
         }
-        if location is not None:
-            attrs[telemetry.CODE_FUNCTION] = location.function
-            attrs[telemetry.CODE_FILE] = location.file
-            attrs[telemetry.CODE_LINE] = location.line
         if origin is not None:
             attrs[telemetry.HTTP_METHOD] = origin.http_method
             attrs[telemetry.ORIGIN_ENDPOINT] = origin.endpoint

@@ -325,6 +325,18 @@ def count(name: str, attributes: Mapping[str, Any]) -> None:
         fault(f"counter {name}", exc)
 
 
+def code_attributes(location: Any) -> dict[str, Any]:
+    """``code.*`` attributes of a place in the user's code (anything with
+    ``function``, ``file`` and ``line``), or none when it is not known."""
+    if location is None:
+        return {}
+    return {
+        CODE_FUNCTION: location.function,
+        CODE_FILE: location.file,
+        CODE_LINE: location.line,
+    }
+
+
 def current_span_context() -> Any:
     """The active span's context if it is a real (sampled or not) span, else None.
 
