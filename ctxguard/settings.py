@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
+
+D = TypeVar("D", str, None)
 
 ENVIRONMENTS = ("production", "development", "testing")
 POLICIES = ("enforce", "warn", "strict", "off")
@@ -30,6 +33,17 @@ def _choice(value: object, allowed: tuple[str, ...], source: str) -> str:
     if isinstance(value, str) and value.strip().lower() in allowed:
         return value.strip().lower()
     raise ConfigError(f"{source}={value!r} is not valid: expected one of {', '.join(allowed)}")
+
+
+def _option(
+    value: object, name: str, variable: str, allowed: tuple[str, ...], default: D
+) -> str | D:
+    """The argument if given, else the variable if set (and not empty), else ``default``."""
+    if value is not None:
+        return _choice(value, allowed, name)
+    if os.environ.get(variable):
+        return _choice(os.environ[variable], allowed, variable)
+    return default
 
 
 def _flag(value: object, source: str) -> bool:
@@ -82,17 +96,8 @@ def resolve(
     propagate: str | None = None,
 ) -> Options:
     """Validate the arguments and fill the gaps from the environment variables."""
-    if environment is not None:
-        environment = _choice(environment, ENVIRONMENTS, "environment")
-    elif os.environ.get(ENV_ENVIRONMENT):
-        environment = _choice(os.environ[ENV_ENVIRONMENT], ENVIRONMENTS, ENV_ENVIRONMENT)
-
-    if policy is not None:
-        policy = _choice(policy, POLICIES, "policy")
-    elif os.environ.get(ENV_POLICY):
-        policy = _choice(os.environ[ENV_POLICY], POLICIES, ENV_POLICY)
-    else:
-        policy = "enforce"
+    environment = _option(environment, "environment", ENV_ENVIRONMENT, ENVIRONMENTS, None)
+    policy = _option(policy, "policy", ENV_POLICY, POLICIES, "enforce")
 
     if heal is not None:
         if not isinstance(heal, bool):
@@ -100,12 +105,7 @@ def resolve(
     elif os.environ.get(ENV_HEAL):
         heal = _flag(os.environ[ENV_HEAL], ENV_HEAL)
 
-    if propagate is not None:
-        propagate = _choice(propagate, PROPAGATIONS, "propagate")
-    elif os.environ.get(ENV_PROPAGATE):
-        propagate = _choice(os.environ[ENV_PROPAGATE], PROPAGATIONS, ENV_PROPAGATE)
-    else:
-        propagate = "off"
+    propagate = _option(propagate, "propagate", ENV_PROPAGATE, PROPAGATIONS, "off")
 
     return Options(
         environment=environment,
