@@ -51,7 +51,7 @@ from . import settings, telemetry
 
 SDK_MISSING = (
     "ctxguard demo needs the OpenTelemetry SDK to export in-process.\n"
-    'Install it with:  pip install "ctxguard[demo]"'
+    'Install it with:  pip install "flask-ctxguard[demo]"'
 )
 
 Teardowns = list[tuple[str, str]]

@@ -102,7 +102,7 @@ def _version() -> str:
     try:
         from importlib.metadata import version
 
-        return version("ctxguard")
+        return version("flask-ctxguard")
     except Exception:
         return "0.0.0"
 

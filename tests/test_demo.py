@@ -130,7 +130,7 @@ def test_demo_without_sdk_says_what_to_install(tmp_path: Path) -> None:
         [sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 1
-    assert 'pip install "ctxguard[demo]"' in done.stderr
+    assert 'pip install "flask-ctxguard[demo]"' in done.stderr
     assert "Traceback" not in done.stderr
 
 
