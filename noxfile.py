@@ -70,3 +70,19 @@ def lint(session: nox.Session) -> None:
     session.install("-e", ".[lint]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def peer(session: nox.Session) -> None:
+    """Flask's and three extensions' own test suites, without ctxguard and with it.
+
+    ctxguard promises that every request, test client call, stream, thread and
+    exception behaves exactly as without it: real projects' suites are the
+    widest check of that. ``tests/peer/run.py --help`` tells the options; pass
+    them after ``--`` (``nox -s peer -- --suite flask --mode guard``).
+    """
+    # The peer extra pins the extensions to the sdists whose tests are run and
+    # brings what those tests need.
+    session.install("-e", ".[test,peer]")
+    session.run("python", "-c", SHOW_VERSIONS)
+    session.run("python", "tests/peer/run.py", *session.posargs)

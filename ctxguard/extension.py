@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from . import settings
@@ -19,7 +20,10 @@ class CtxGuard:
     ``development`` if ``app.debug``, else ``production``), ``policy`` to
     ``enforce``, ``heal`` to on in production. ``propagate="app"`` (off by
     default) runs threads and executor tasks started in a request inside a
-    fresh app context of this app, so ``current_app`` and ``g`` work there.
+    fresh app context of this app, so ``current_app`` works there.
+    ``in_app_include`` and ``in_app_exclude`` are module prefixes whose code is
+    (or is not) yours, for the line reported; the app's own package is yours
+    already, installed or not.
     ``CTXGUARD_*`` environment variables override the defaults; explicit
     arguments win.
     """
@@ -32,16 +36,20 @@ class CtxGuard:
         policy: str | None = None,
         heal: bool | None = None,
         propagate: str | None = None,
+        in_app_include: Iterable[str] | None = None,
+        in_app_exclude: Iterable[str] | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
     ) -> None:
         # Validate now, so a typo fails where it was written.
-        settings.resolve(environment, policy, heal, propagate)
+        settings.resolve(environment, policy, heal, propagate, in_app_include, in_app_exclude)
         self._kwargs = {
             "environment": environment,
             "policy": policy,
             "heal": heal,
             "propagate": propagate,
+            "in_app_include": in_app_include,
+            "in_app_exclude": in_app_exclude,
             "tracer_provider": tracer_provider,
             "meter_provider": meter_provider,
         }
@@ -52,18 +60,14 @@ class CtxGuard:
         """Guard ``app``; calling it again for the same app changes nothing."""
         if _guard_of(app) is not None:
             return
-        options = settings.resolve(
-            self._kwargs["environment"],
-            self._kwargs["policy"],
-            self._kwargs["heal"],
-            self._kwargs["propagate"],
-        )
-        if options.disabled:
+        if settings.disabled():
             return
         middleware = CtxGuardMiddleware(app.wsgi_app, app=app, **self._kwargs)
         # Refuse (strict) before the app is touched.
         middleware.check_app()
         app.wsgi_app = middleware
+        # The app holds the middleware now: the middleware must not hold the app.
+        middleware.hold_app_weakly()
         app.extensions[EXTENSION_KEY] = middleware
 
     @staticmethod

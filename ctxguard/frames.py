@@ -1,10 +1,17 @@
 """Finding the user's line of code on the stack, cheaply.
 
 A site is ``(code, lasti)``: the code object and instruction offset of the
-first frame that is not Flask's, Werkzeug's, ctxguard's or a known
-extension's. Keeping the code object keeps no locals alive (unlike a frame or
-a traceback), and the line number is worked out from the offset only when
-the site is reported.
+first frame of the application's own code. Keeping the code object keeps no
+locals alive (unlike a frame or a traceback), and the line number is worked
+out from the offset only when the site is reported.
+
+Which code is the application's follows the rule users know from Sentry's
+"in-app" frames: the standard library and installed distributions
+(``site-packages``, ``dist-packages``) are library code; the app's own package
+is the user's even when it is installed there (the usual container image);
+``in_app_include`` and ``in_app_exclude`` (module prefixes) adjust it.
+Flask's, Werkzeug's and ctxguard's own frames are never the user's, and the
+search stops at a server's frames.
 """
 
 from __future__ import annotations
@@ -20,28 +27,21 @@ Site = tuple[CodeType, int]
 
 _getframe = sys._getframe
 
-#: Packages whose frames are never the user's code.
-LIBRARY_PACKAGES = (
-    "ctxguard",
-    "flask",
-    "werkzeug",
-    "flask_sqlalchemy",
-    "flask_login",
-    "flask_wtf",
-    "flask_caching",
-    "flask_babel",
-    "flask_restful",
-    "flask_restx",
-    "flask_smorest",
-    "flask_migrate",
-    "sqlalchemy",
-    "asgiref",
-    "blinker",
-    "opentelemetry",
-    "sentry_sdk",
+#: Packages whose frames are the context machinery itself: never the user's,
+#: whatever ``in_app_include`` says.
+MACHINERY_PACKAGES = ("ctxguard", "flask", "werkzeug")
+#: Frames where the search gives up: the server or the task runner is calling.
+INFRASTRUCTURE_PACKAGES = (
+    "gunicorn",
+    "waitress",
+    "gevent",
+    "eventlet",
+    "uwsgi",
+    "uwsgidecorators",
+    "bjoern",
+    "meinheld",
+    "celery",
 )
-#: Frames where the search gives up: the server or the interpreter is calling.
-INFRASTRUCTURE_PACKAGES = ("gunicorn", "waitress", "gevent", "eventlet", "uwsgi", "celery")
 
 USER = 0
 _LIBRARY = 1
@@ -53,8 +53,6 @@ _STDLIB = 3
 #: frame of one file is of one kind. Read-only outside this module, where the
 #: ledger's push hook uses it to skip the walk when the caller is user code.
 file_kinds: dict[str, int] = {}
-_library_dirs: tuple[str, ...] = ()
-_infrastructure_dirs: tuple[str, ...] = ()
 #: The standard library's directories; their site-packages is not the stdlib.
 _stdlib: tuple[str, ...] = ()
 _ctxguard_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -63,24 +61,21 @@ _demo_file = _ctxguard_dir + "demo.py"
 #: Where Flask's contexts push themselves and Werkzeug's proxies look them up:
 #: never a useful fallback site.
 _machinery_files: tuple[str, ...] = ()
+_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+#: Module prefixes that are the user's code (``in_app_include``) or not
+#: (``in_app_exclude``), and the apps' own packages and directories. Process
+#: wide, like the classification they feed; only ever added to while hooked.
+_include: set[str] = set()
+_exclude: set[str] = set()
+_app_packages: set[str] = set()
+_app_dirs: tuple[str, ...] = ()
 
 
-def _package_dirs(names: Iterable[str]) -> tuple[str, ...]:
-    dirs = []
-    for name in names:
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                import importlib.util
-
-                spec = importlib.util.find_spec(name)
-            except Exception:
-                spec = None
-            locations = list(spec.submodule_search_locations or []) if spec else []
-        else:
-            locations = list(getattr(module, "__path__", []) or [])
-        dirs.extend(os.path.abspath(loc) + os.sep for loc in locations)
-    return tuple(dirs)
+def _in(module: str, prefixes: Iterable[str]) -> bool:
+    """Is ``module`` one of ``prefixes`` or inside one of them (``a`` covers
+    ``a.b``, not ``ab``)?"""
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
 
 
 def _stdlib_dirs() -> tuple[str, ...]:
@@ -93,15 +88,57 @@ def _stdlib_dirs() -> tuple[str, ...]:
 
 
 def refresh() -> None:
-    """Work out the library directories again (after new packages were imported)."""
-    global _library_dirs, _infrastructure_dirs, _stdlib, _machinery_files
-    _library_dirs = _package_dirs(LIBRARY_PACKAGES)
-    _infrastructure_dirs = _package_dirs(INFRASTRUCTURE_PACKAGES)
+    """Forget what was worked out about files (new packages, new options)."""
+    global _stdlib, _machinery_files
     _stdlib = _stdlib_dirs()
     _machinery_files = tuple(
         getattr(sys.modules.get(name), "__file__", None) or "<none>"
         for name in ("flask.ctx", "werkzeug.local")
     )
+    file_kinds.clear()
+
+
+def configure(include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+    """Add module prefixes to the user's code (``include``) or to library code."""
+    before = (len(_include), len(_exclude))
+    _include.update(include)
+    _exclude.update(exclude)
+    if (len(_include), len(_exclude)) != before:
+        file_kinds.clear()
+
+
+def add_app(import_name: object, root_path: object) -> None:
+    """The app's own package and directory are the user's code, installed or not.
+
+    ``import_name`` gives the package (``myapp`` for ``myapp.web``); the
+    directory counts only when it is the app's own, not an interpreter-wide
+    one (a single-module app installed straight into ``site-packages`` has
+    that as its root path).
+    """
+    global _app_dirs
+    changed = False
+    if isinstance(import_name, str) and import_name and import_name != "__main__":
+        package = import_name.split(".")[0]
+        if package not in _app_packages:
+            _app_packages.add(package)
+            changed = True
+    if isinstance(root_path, str) and root_path:
+        path = os.path.abspath(root_path) + os.sep
+        shared = path.endswith(_INSTALLED) or path in _stdlib
+        if not shared and path not in _app_dirs:
+            _app_dirs = (*_app_dirs, path)
+            changed = True
+    if changed:
+        file_kinds.clear()
+
+
+def reset() -> None:
+    """Forget the options and the apps (for ``uninstall``)."""
+    global _app_dirs
+    _include.clear()
+    _exclude.clear()
+    _app_packages.clear()
+    _app_dirs = ()
     file_kinds.clear()
 
 
@@ -112,24 +149,52 @@ def _is_stdlib(path: str) -> bool:
     return False
 
 
-def _classify(filename: str) -> int:
-    if filename.startswith("<"):
-        kind = _STDLIB if filename.startswith("<frozen") else USER
+def _in_app_dir(path: str) -> bool:
+    """Under an app's directory, and not in an environment kept there (``.venv``)."""
+    for directory in _app_dirs:
+        if path.startswith(directory):
+            rest = os.sep + path[len(directory) :]
+            return _INSTALLED[0] not in rest and _INSTALLED[1] not in rest
+    return False
+
+
+def _classify(filename: str, module: object) -> int:
+    """The kind of a file's frames, given the module name its code runs in."""
+    name = module if isinstance(module, str) else ""
+    top = name.partition(".")[0]
+    path = filename if filename.startswith("<") else os.path.abspath(filename)
+    if path == _demo_file:
+        kind = USER
+    elif path.startswith(_ctxguard_dir) or top in MACHINERY_PACKAGES:
+        kind = _LIBRARY
+    elif top in INFRASTRUCTURE_PACKAGES:
+        kind = _INFRASTRUCTURE
+    elif name and _in(name, _include):
+        kind = USER
+    elif name and _in(name, _exclude):
+        kind = _LIBRARY
+    elif path.startswith("<"):
+        kind = _STDLIB if path.startswith("<frozen") else USER
+    elif _is_stdlib(path):
+        kind = _STDLIB
+    elif (top and top in _app_packages) or _in_app_dir(path):
+        kind = USER
+    elif _INSTALLED[0] in path or _INSTALLED[1] in path:
+        kind = _LIBRARY
     else:
-        path = os.path.abspath(filename)
-        if path == _demo_file:
-            kind = USER
-        elif path.startswith(_library_dirs):
-            kind = _LIBRARY
-        elif path.startswith(_infrastructure_dirs):
-            kind = _INFRASTRUCTURE
-        elif _is_stdlib(path):
-            kind = _STDLIB
-        else:
-            kind = USER
+        kind = USER
     if len(file_kinds) > 50_000:
         file_kinds.clear()
     file_kinds[filename] = kind
+    return kind
+
+
+def kind_of(frame: FrameType) -> int:
+    """``USER``, or one of the library kinds, for one frame."""
+    filename = frame.f_code.co_filename
+    kind = file_kinds.get(filename)
+    if kind is None:
+        kind = _classify(filename, frame.f_globals.get("__name__"))
     return kind
 
 
@@ -162,7 +227,7 @@ def site_from(
         filename = code.co_filename
         kind = kinds.get(filename)
         if kind is None:
-            kind = _classify(filename)
+            kind = _classify(filename, frame.f_globals.get("__name__"))
         if kind == USER:
             return code, frame.f_lasti
         if (

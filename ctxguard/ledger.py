@@ -37,7 +37,9 @@ _KIND = 1
 _SITE = 2
 _PUSHED_AT = 3
 _REQUEST = 4
-_REPORTED = 5  # the leak was reported (once per context)
+#: A record has these fields; whoever reports it as leaked appends a token to it
+#: (see ``claim``), so a longer record has been reported.
+_FIELDS = 5
 
 # Counters. ``next()`` on an ``itertools.count`` is one C call, atomic under the
 # GIL: exact across threads without a lock, and cheaper than any Python-level
@@ -70,14 +72,21 @@ class RequestInfo:
     """The request a context was pushed in: only what may appear in telemetry.
 
     ``rule`` is Flask's matched URL rule, filled in when the request's own
-    context is pushed; the raw path is never kept.
+    context is pushed; the raw path is never kept. ``span_context`` is the
+    span active when code of the request first pushed a context of its own
+    (for a link from a leak's span back to the request's trace). ``ended``
+    is set once the response is closed or abandoned: until then the request
+    is alive, even if another request runs on its thread meanwhile (servers
+    that interleave requests on one thread), and its contexts are not stale.
     """
 
-    __slots__ = ("method", "rule")
+    __slots__ = ("ended", "method", "rule", "span_context")
 
     def __init__(self, method: Any) -> None:
         self.method = method
         self.rule: Any = None
+        self.span_context: Any = None
+        self.ended = False
 
     @property
     def http_method(self) -> str | None:
@@ -110,41 +119,76 @@ class Worker:
     __slots__ = ("__weakref__", "ident", "name", "open", "request", "serial")
 
     def __init__(self, serial: int) -> None:
-        thread = threading.current_thread()
         self.open: list[list[Any]] = []
         self.request: RequestInfo | None = None
-        self.ident = threading.get_ident()
-        self.name = thread.name
+        self.ident = 0
+        self.name = threading.current_thread().name
         self.serial = serial
 
 
 # Live workers by serial number. A worker lives as long as its thread's
 # ``threading.local`` storage: when the thread ends its open list goes with it.
+# No lock guards these maps: a finaliser (an abandoned response body, a
+# generator's close, the weakref callback below) can reach them on a thread
+# that is in the middle of changing them, and a lock held there would hang
+# that thread for ever. Each change is one dict operation, atomic under the
+# GIL, and readers copy the values before looking at them.
 _workers: dict[int, weakref.ref[Worker]] = {}
 # The same, by thread (or greenlet) ident, to find a worker without creating one.
 _by_ident: dict[int, weakref.ref[Worker]] = {}
-_registry_lock = threading.Lock()
-_get_ident = threading.get_ident
+#: The current worker's ident (gevent's ``get_ident`` once it has patched ``threading``).
+ident = threading.get_ident
 _serials = itertools.count(1)
 _local: Any = threading.local()
+# The ``threading.local`` in use before gevent patched ``threading`` (after
+# ctxguard was installed, as gunicorn's gevent worker does after the fork):
+# the thread's main greenlet takes its worker back from there.
+_unpatched: Any = None
+
+
+def _forgetter(serial: int, key: int) -> Callable[[weakref.ref[Worker]], None]:
+    def forget(ref: weakref.ref[Worker]) -> None:
+        if _workers.get(serial) is ref:
+            _workers.pop(serial, None)
+        if _by_ident.get(key) is ref:
+            _by_ident.pop(key, None)
+
+    return forget
+
+
+def _register(worker: Worker) -> None:
+    ref = weakref.ref(worker, _forgetter(worker.serial, worker.ident))
+    _workers[worker.serial] = ref
+    _by_ident[worker.ident] = ref
 
 
 def _new_worker() -> Worker:
-    worker = Worker(next(_serials))
+    worker = _adopted()
+    if worker is None:
+        worker = Worker(next(_serials))
+        worker.ident = ident()
     _local.worker = worker
-    serial, ident = worker.serial, worker.ident
-
-    def forget(ref: weakref.ref[Worker]) -> None:
-        _workers.pop(serial, None)
-        if _by_ident.get(ident) is ref:
-            del _by_ident[ident]
-
-    with _registry_lock:
-        # Forgotten when the thread ends, even if nothing ever lists the workers.
-        ref = weakref.ref(worker, forget)
-        _workers[serial] = ref
-        _by_ident[ident] = ref
+    # Forgotten when the thread ends, even if nothing ever lists the workers.
+    _register(worker)
     return worker
+
+
+def _adopted() -> Worker | None:
+    """This thread's worker from before gevent's patching, if this is its main greenlet."""
+    unpatched = _unpatched
+    if unpatched is None:
+        return None
+    try:
+        old = unpatched.worker
+        import greenlet
+
+        if greenlet.getcurrent().parent is not None:
+            return None  # a spawned greenlet: it never saw the thread's contexts
+    except Exception:
+        return None
+    del unpatched.worker
+    old.ident = ident()
+    return old
 
 
 def worker() -> Worker:
@@ -161,7 +205,7 @@ def existing() -> Worker | None:
     For checks at the end of a thread: most threads never push a context, and
     creating their ledger just to find it empty would cost every thread.
     """
-    ref = _by_ident.get(_get_ident())
+    ref = _by_ident.get(ident())
     w = ref() if ref is not None else None
     if w is None:
         return None
@@ -171,17 +215,45 @@ def existing() -> Worker | None:
         return None
 
 
+def known(w: Worker) -> bool:
+    """Is ``w`` a worker of the hooks installed now (not one from before ``uninstall()``)?
+
+    Pops made while the hooks were out went unseen, so such a worker's
+    records cannot be judged.
+    """
+    ref = _workers.get(w.serial)
+    return ref is not None and ref() is w
+
+
 def live_workers() -> list[Worker]:
     """Every worker whose thread is alive."""
     alive = []
-    with _registry_lock:
-        for serial, ref in list(_workers.items()):
-            w = ref()
-            if w is None:
-                _workers.pop(serial, None)
-            else:
-                alive.append(w)
+    for ref in list(_workers.values()):
+        w = ref()
+        if w is not None:
+            alive.append(w)
     return alive
+
+
+def follows_threading() -> bool:
+    """Is worker identity still what ``threading`` says (gevent may have patched it since)?"""
+    return threading.get_ident is ident
+
+
+def rebind() -> None:
+    """Use ``threading``'s identity and thread-local storage as they are now.
+
+    gevent patches ``threading`` in gunicorn's worker only after the fork, so
+    hooks installed in the master (``--preload``) would see every greenlet of
+    a worker as one thread. Workers of the old storage stay registered until
+    their threads end; a thread's main greenlet takes its own back.
+    """
+    global ident, _local, _unpatched
+    if threading.get_ident is ident:
+        return
+    _unpatched = _local
+    _local = threading.local()
+    ident = threading.get_ident
 
 
 # --------------------------------------------------------------------------
@@ -224,6 +296,22 @@ _getframe = sys._getframe
 _monotonic = time.monotonic
 
 
+def _site_of(frame: Any, request: RequestInfo | None) -> Site | None:
+    """The push site of a push made from ``frame`` (not Flask's own for a request).
+
+    A push made by the request's own code is the first moment its span is
+    known to be active: it is kept for the leak's link to the request's trace.
+    """
+    code = frame.f_code
+    if frames.file_kinds.get(code.co_filename) == frames.USER:
+        site = (code, frame.f_lasti)  # pushed straight from user code: no walk
+    else:
+        site = frames.site_from(frame)
+    if request is not None and request.span_context is None:
+        request.span_context = telemetry.current_span_context()
+    return site
+
+
 def _recorder(kind: str) -> Callable[[Any, Any], None]:
     """What a push of this kind records, given the frame that called ``push``."""
     counter = _pushes[kind]
@@ -243,8 +331,8 @@ def _recorder(kind: str) -> Callable[[Any, Any], None]:
                 if is_request and request is not None and request.rule is None:
                     request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
             else:
-                site = frames.site_from(frame)
-            w.open.append([ctx, kind, site, _monotonic(), request, False])
+                site = _site_of(frame, request)
+            w.open.append([ctx, kind, site, _monotonic(), request])
             next(counter)
         except Exception as exc:
             telemetry.fault("ledger push", exc)
@@ -279,7 +367,7 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
 
     counter = _pushes[kind]
     is_request = kind == telemetry.KIND_REQUEST
-    file_kinds, user, site_from = frames.file_kinds, frames.USER, frames.site_from
+    file_kinds, user = frames.file_kinds, frames.USER
 
     # Flask's own signature, and record() inlined: this runs on every request,
     # where each Python call and each *args tuple shows (docs/benchmarks.md).
@@ -303,11 +391,11 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
                 site = None
                 if is_request and request is not None and request.rule is None:
                     request.rule = getattr(getattr(self, "request", None), "url_rule", None)
-            elif file_kinds.get(code.co_filename) == user:
+            elif request is None and file_kinds.get(code.co_filename) == user:
                 site = (code, frame.f_lasti)  # pushed straight from user code: no walk
             else:
-                site = site_from(frame)
-            w.open.append([self, kind, site, _monotonic(), request, False])
+                site = _site_of(frame, request)
+            w.open.append([self, kind, site, _monotonic(), request])
             next(counter)
         except Exception as exc:
             telemetry.fault("ledger push", exc)
@@ -338,19 +426,20 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
 
     sentinel = defaults[0]
 
-    # Flask's own signature, and _take() inlined, for the same reason as push.
+    # Flask's own signature, and _take() inlined for its usual case, for the
+    # same reason as push.
     def pop(self: Any, exc: Any = sentinel) -> None:
         try:
             w = _local.worker
         except AttributeError:
             w = _new_worker()
         open_ = w.open
-        if open_ and open_[-1][_CTX] is self:
+        if open_ and open_[-1][_CTX] is self and open_[-1][_REQUEST] is w.request:
             record = open_.pop()
             if open_ and record[_SITE] is not None:
                 _keep_site(open_, self, record[_SITE])
         else:
-            record = None
+            record = _choose(w, self)
         try:
             original(self, exc)
         except BaseException as error:
@@ -369,12 +458,42 @@ def _take(self: Any) -> tuple[Worker, list[Any] | None]:
     pops its application context inside it, which then finds its own on top."""
     w = worker()
     open_ = w.open
-    if open_ and open_[-1][_CTX] is self:
+    if open_ and open_[-1][_CTX] is self and open_[-1][_REQUEST] is w.request:
         record = open_.pop()
         if open_ and record[_SITE] is not None:
             _keep_site(open_, self, record[_SITE])
         return w, record
-    return w, None
+    return w, _choose(w, self)
+
+
+def _choose(w: Worker, ctx: Any) -> list[Any] | None:
+    """The record a pop of ``ctx`` closes, when it is not simply the top one.
+
+    One context object can be pushed twice (``stream_with_context`` pushes the
+    request's context again while the body is read, and the test client
+    pushes it again to keep it after the request). A pop then closes the push
+    made for the same request as the code popping it (else the most recent
+    one). A context with one record not on top is left to ``_after_pop``: it
+    is a wrong-order pop or a pop on another thread, which Flask decides.
+    """
+    try:
+        open_ = w.open
+        mine = [i for i in range(len(open_)) if open_[i][_CTX] is ctx]
+        if not mine or (len(mine) == 1 and mine[0] != len(open_) - 1):
+            return None
+        request = w.request
+        index = mine[-1]
+        for i in reversed(mine):
+            if open_[i][_REQUEST] is request:
+                index = i
+                break
+        record = open_.pop(index)
+        if record[_SITE] is not None:
+            _keep_site(open_, ctx, record[_SITE])
+        return record
+    except Exception as exc:
+        telemetry.fault("ledger pop", exc)
+        return None
 
 
 def _like(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
@@ -390,9 +509,9 @@ _WRONG_MESSAGES = {
 
 
 def _keep_site(records: list[list[Any]], ctx: Any, site: Site) -> None:
-    """A context pushed twice and popped once stays open because of the later push
-    (``stream_with_context`` re-pushes the request's context in the view): the push
-    that remains takes that site if Flask made it on the user's behalf."""
+    """A context pushed twice and popped once stays open because of the other
+    push: the push that remains takes this site if Flask made it on the user's
+    behalf (``stream_with_context`` re-pushes the request's context in the view)."""
     index = _find(records, ctx)
     if index >= 0 and records[index][_SITE] is None:
         records[index][_SITE] = site
@@ -439,7 +558,7 @@ def _after_pop(
             w.open.insert(min(index, len(w.open)), record)  # Flask could not pop it
         if wrong:
             _orphan_above(w, kind, index)
-            _log_pop(kind, telemetry.OUTCOME_WRONG, exc)
+            _log_pop(kind, telemetry.OUTCOME_WRONG)
     except Exception as error:
         telemetry.fault("ledger pop", error)
 
@@ -459,18 +578,22 @@ def _pop_elsewhere(w: Worker, ctx: Any, kind: str, exc: BaseException | None) ->
             if record[_CTX] is ctx:
                 record[_CTX] = None
                 break
-    _log_pop(kind, telemetry.OUTCOME_CROSS, exc)
+    _log_pop(kind, telemetry.OUTCOME_CROSS)
 
 
-def _log_pop(kind: str, outcome: str, exc: BaseException | None) -> None:
+def _log_pop(kind: str, outcome: str) -> None:
+    """Log an unusual pop with the line that made it.
+
+    Flask's own error message is not logged: it holds the ``repr`` of the
+    contexts, which is the request's full URL with its query string.
+    """
     location = frames.describe(frames.user_site(4))
     telemetry.log_event(
-        ("pop", outcome, location),
-        "ctxguard: %s context popped with outcome %s at %s (%s)",
+        ("pop", kind, outcome, location),
+        "ctxguard: %s context popped with outcome %s at %s",
         kind,
         outcome,
         frames.where(location, "an unknown place"),
-        f"{type(exc).__name__}: {exc}" if exc is not None else "no error raised",
     )
 
 
@@ -535,7 +658,7 @@ def _view(record: list[Any], now: float) -> OpenContext:
         age=max(0.0, now - record[_PUSHED_AT]),
         request=record[_REQUEST],
         current=live is not None and current(record[_KIND]) is live,
-        reported=record[_REPORTED],
+        reported=len(record) > _FIELDS,
         handle=record,
     )
 
@@ -550,9 +673,7 @@ def open_contexts(
     """
     now = _monotonic()
     if prune:
-        w.open[:] = [
-            r for r in w.open if r[_CTX] is not None and not (r[_REPORTED] and _is_dead(r))
-        ]
+        _prune(w.open)
     views = [_view(record, now) for record in list(w.open)]
     # A context Flask pushed for a request (no site of its own) is reported with
     # the site of the next push the same request made on this worker.
@@ -573,9 +694,28 @@ def top(w: Worker) -> OpenContext | None:
     return _view(w.open[-1], _monotonic()) if w.open else None
 
 
+def has_open(w: Worker, request: RequestInfo) -> bool:
+    """Does ``w`` still have a context pushed for ``request``?"""
+    return any(record[_REQUEST] is request for record in w.open)
+
+
 def needs_attention(w: Worker) -> bool:
     """Cheap test for the middleware: is there anything new or stale on this worker?"""
-    return any(not record[_REPORTED] or record[_REQUEST] is not None for record in w.open)
+    return any(len(record) == _FIELDS or record[_REQUEST] is not None for record in w.open)
+
+
+def _prune(records: list[list[Any]]) -> None:
+    """Forget records closed elsewhere, or reported and collected.
+
+    Removed one by one, by identity: a finaliser run by a collection while
+    this runs may pop a context (and its record) from the same list.
+    """
+    gone = [r for r in records if r[_CTX] is None or (len(r) > _FIELDS and _is_dead(r))]
+    for record in gone:
+        for i in range(len(records) - 1, -1, -1):
+            if records[i] is record:
+                del records[i]
+                break
 
 
 def _is_dead(record: list[Any]) -> bool:
@@ -584,8 +724,19 @@ def _is_dead(record: list[Any]) -> bool:
     return ctx is None or (isinstance(ctx, weakref.ref) and ctx() is None)
 
 
-def mark_reported(item: OpenContext) -> None:
-    item.handle[_REPORTED] = True
+def claim(item: OpenContext) -> bool:
+    """Mark the context reported; True for exactly one caller, whoever calls first.
+
+    A leak can be found at once by a finaliser on one thread and by the next
+    request on another: the check and the mark must be one atomic step, and
+    no lock may be taken here (a finaliser can run while the lock is held).
+    ``list.append`` is atomic, so each caller appends a token of its own and
+    the one whose token lands first in the slot after the fields wins.
+    """
+    token = object()
+    record = item.handle
+    record.append(token)
+    return record[_FIELDS] is token
 
 
 def record_current_context(w: Worker) -> None:
@@ -598,7 +749,7 @@ def record_current_context(w: Worker) -> None:
     for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):
         ctx = current(kind)
         if ctx is not None and id(ctx) not in known:
-            w.open.insert(0, [ctx, kind, None, _monotonic(), None, False])
+            w.open.insert(0, [ctx, kind, None, _monotonic(), None])
 
 
 # --------------------------------------------------------------------------
@@ -671,10 +822,10 @@ def reset() -> None:
     Called when the hooks are installed in a clean process state (gevent may
     have patched ``threading.local`` since import) and when they are removed.
     """
-    global _local, _get_ident
-    with _registry_lock:
-        _get_ident = threading.get_ident  # gevent's, once it has patched threading
-        _workers.clear()
-        _by_ident.clear()
-        _reset_counters()
-        _local = threading.local()
+    global _local, ident, _unpatched
+    ident = threading.get_ident  # gevent's, once it has patched threading
+    _workers.clear()
+    _by_ident.clear()
+    _reset_counters()
+    _local = threading.local()
+    _unpatched = None

@@ -1,20 +1,29 @@
-"""The WSGI middleware: each request starts and ends on a clean worker.
+"""The WSGI middleware: each request starts and ends on a clean thread.
 
-Before the app runs it looks at the contexts already open on this worker. One
-pushed during an earlier request and never popped is stale: it is reported
-(``request_start``) and, when healing is on, popped so its teardown runs and
-the new request gets its own app context. One pushed outside any request
-(an ``app.app_context().push()`` at import time) is reported once per push
-site outside testing and left alone.
+Before the app runs it looks at the contexts already open on the thread (or
+greenlet) serving the request. One pushed during an earlier request that has
+ended, and never popped, is stale: it is reported (``request_start``) and,
+when healing is on, popped so its teardown runs and the new request gets its
+own app context. One pushed outside any request (an
+``app.app_context().push()`` at import time) is reported once per push site
+outside testing and left alone. A request whose response is still being sent
+is alive, even when the server runs another request on the same thread
+meanwhile (event-loop servers do): its contexts are not stale.
 
-After the response iterable is closed (or abandoned and finalised, possibly
-on another thread) every context pushed for the request must be gone; one
-that is not is reported (``request_end``) with its push site.
+After the response is closed (or abandoned and finalised, possibly on another
+thread) every context pushed for the request must be gone; one that is not is
+reported (``request_end``) with its push site.
+
+The app's own return value is handed back untouched wherever nothing can run
+after the request returned (the usual, non-streamed response); otherwise a
+wrapper that keeps the iterator protocol and ``close`` watches the body.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,10 +31,9 @@ from . import frames, leaks, ledger, policy, process, settings, telemetry, threa
 from .ledger import RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
-_worker = ledger.worker
 
-#: Bodies whose iteration runs no application code.
-_PLAIN = (list, tuple)
+#: Bodies whose iteration and ``close`` run no application code.
+_PLAIN = (list, tuple, bytes)
 
 
 def flask_app_of(wsgi_app: Any) -> Any:
@@ -57,21 +65,73 @@ class CtxGuardMiddleware:
         policy: str | None = None,
         heal: bool | None = None,
         propagate: str | None = None,
+        in_app_include: Iterable[str] | None = None,
+        in_app_exclude: Iterable[str] | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
     ) -> None:
-        self.wsgi_app = wsgi_app
-        self.app = app if app is not None else flask_app_of(wsgi_app)
-        self.options = settings.resolve(environment, policy, heal, propagate)
+        self._wsgi_app: WSGIApp | None = wsgi_app
+        # Set by hold_app_weakly(): the app's function and a weak reference to it.
+        self._function: Callable[..., Iterable[bytes]] | None = None
+        self._weak_app: weakref.ref[Any] | None = None
+        self._app = app if app is not None else flask_app_of(wsgi_app)
+        self.options = settings.resolve(
+            environment, policy, heal, propagate, in_app_include, in_app_exclude
+        )
         self._disabled = self.options.disabled
         self._first_request_seen = False
         self._ambient_reported: set[Any] = set()
         self._rules_reported: set[str] = set()
         self._lock = threading.Lock()
         if not self.options.disabled:
-            process.install(tracer_provider=tracer_provider, meter_provider=meter_provider)
-            if self.options.propagate == "app" and self.app is not None:
-                threads.propagate_app(self.app)
+            process.install(
+                tracer_provider=tracer_provider,
+                meter_provider=meter_provider,
+                in_app_include=self.options.in_app_include,
+                in_app_exclude=self.options.in_app_exclude,
+            )
+            process.add_app(self._app)
+            if self.options.propagate == "app" and self._app is not None:
+                threads.propagate_app(self._app)
+            telemetry.logger.info(
+                "ctxguard: guarding %s: %s",
+                getattr(self._app, "name", None) or "a WSGI app",
+                self.options.describe(),
+            )
+
+    @property
+    def app(self) -> Any:
+        """The Flask app guarded, when known."""
+        return self._weak_app() if self._weak_app is not None else self._app
+
+    @property
+    def wsgi_app(self) -> WSGIApp:
+        """The WSGI callable this middleware calls."""
+        if self._weak_app is not None and self._function is not None:
+            return self._function.__get__(self._weak_app())  # type: ignore[no-any-return]
+        return self._wsgi_app  # type: ignore[return-value]
+
+    @wsgi_app.setter
+    def wsgi_app(self, value: WSGIApp) -> None:
+        self._wsgi_app = value
+        self._function = None
+
+    def hold_app_weakly(self) -> None:
+        """Stop keeping the app alive: the app now holds this middleware.
+
+        ``CtxGuard`` sets the middleware as ``app.wsgi_app``; a strong
+        reference back to the app (its bound ``wsgi_app``) would make a cycle
+        that only the garbage collector can free, so a dropped app would no
+        longer be freed as soon as its last reference goes.
+        """
+        wsgi_app, app = self._wsgi_app, self._app
+        function = getattr(wsgi_app, "__func__", None)
+        if app is None or function is None or getattr(wsgi_app, "__self__", None) is not app:
+            return  # not the app's own bound method: nothing to break
+        self._function = function
+        self._weak_app = weakref.ref(app)
+        self._wsgi_app = None
+        self._app = None
 
     # -- options that follow the app (it may be switched to testing after init)
 
@@ -107,19 +167,38 @@ class CtxGuardMiddleware:
 
     # -- the request
 
+    def _call_app(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        if self._function is None:
+            return self._wsgi_app(environ, start_response)  # type: ignore[misc]
+        app = self._weak_app() if self._weak_app is not None else None
+        if app is None:
+            raise RuntimeError(
+                "ctxguard: the Flask app this middleware guarded was garbage collected;"
+                " keep a reference to the app itself, not only to app.wsgi_app"
+            )
+        return self._function(app, environ, start_response)
+
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
         info = w = None
         if not self._disabled:
             try:
+                if telemetry.pending:
+                    telemetry.drain_if_safe(sys._getframe(1))
+                if threading.get_ident is not ledger.ident:
+                    process.rebind()  # gevent patched threading after ctxguard was installed
                 w = ledger.worker()
                 # Not inside another guarded request (two middlewares), and installed.
                 if w.request is None and process.installed():
-                    if not self._first_request_seen:
-                        self._first_request(environ)
-                    if policy.PRESERVE_KEY in environ:
-                        self._preserve_key(environ)
+                    test: bool | None = None
+                    if not self._first_request_seen or policy.PRESERVE_KEY in environ:
+                        test = policy.test_client_request(sys._getframe(1))
+                        if not test:
+                            if not self._first_request_seen:
+                                self._first_request(environ)
+                            if policy.PRESERVE_KEY in environ:
+                                self._preserve_key(environ)
                     if w.open:
-                        self._check_start(w)
+                        self._check_start(w, test)
                     info = RequestInfo(environ.get("REQUEST_METHOD"))
             except Exception as exc:
                 telemetry.fault("middleware", exc)
@@ -127,26 +206,33 @@ class CtxGuardMiddleware:
         # Called outside any handler of ctxguard's own errors, so the app runs once
         # and its exceptions carry no context from ctxguard.
         if info is None or w is None:
-            return self.wsgi_app(environ, start_response)
+            return self._call_app(environ, start_response)
 
         w.request = info
         try:
-            body = self.wsgi_app(environ, start_response)
+            body = self._call_app(environ, start_response)
         except BaseException:
             w.request = None
-            self._check_end(w, info)
+            self._end(w, info)
             raise
         w.request = None
         try:
-            wrapper = environ.get("wsgi.file_wrapper")
-            if type(body) in _PLAIN or (type(wrapper) is type and isinstance(body, wrapper)):
-                # Iterating it runs no application code: the request is over.
-                self._check_end(w, info)
-                return body
-            return _Body(body, self, w, info)
+            return self._watch(body, environ, w, info)
         except Exception as exc:
             telemetry.fault("middleware body", exc)
             return body
+
+    def _watch(self, body: Any, environ: Any, w: Worker, info: RequestInfo) -> Any:
+        """The body to hand to the server: the app's own, or a watching wrapper."""
+        runs_code = _runs_code(body, environ)
+        if not runs_code and not (w.open and ledger.has_open(w, info)):
+            info.ended = True  # nothing of the request can run any more
+            return body
+        if not runs_code:
+            self._end(w, info)  # a leak already, and nothing can pop it now
+            return body
+        kind = _IterBody if hasattr(type(body), "__next__") else _Body
+        return kind(body, self, w, info)
 
     def _first_request(self, environ: Any) -> None:
         with self._lock:
@@ -164,38 +250,57 @@ class CtxGuardMiddleware:
         if self.environment() == "production":
             policy.strip_preserve_key(environ, self.options.policy)
 
-    def _check_start(self, w: Worker) -> None:
-        """Report stale and ambient contexts on this worker; heal the stale ones."""
+    def _check_start(self, w: Worker, test: bool | None) -> None:
+        """Report stale and ambient contexts on this thread; heal the stale ones.
+
+        A request made by a test client is a test, whatever the environment:
+        a context the test pushed around it is not ambient, and nothing is
+        healed under it.
+        """
         if not ledger.needs_attention(w):
             return
         environment = self.environment()
         for item in ledger.open_contexts(w):
             if item.reported:
                 continue
-            if item.request is not None:
-                leaks.report(item, w, telemetry.SITE_REQUEST_START)
+            request = item.request
+            if request is not None:
+                if request.ended:
+                    leaks.report(item, w, telemetry.SITE_REQUEST_START)
+                # else: its response is still being sent (an event-loop server
+                # runs another request on this thread meanwhile): alive.
             elif environment != "testing":
+                if test is None:
+                    test = policy.test_client_request(sys._getframe(2))
+                if test:
+                    continue
                 key = item.site
-                ledger.mark_reported(item)
                 if key not in self._ambient_reported:
                     self._ambient_reported.add(key)
                     leaks.report(item, w, telemetry.SITE_REQUEST_START, ambient=True)
+                else:
+                    ledger.claim(item)  # reported once per push site
         if self.options.heal_for(environment):
-            _heal(w)
+            if test is None:
+                test = policy.test_client_request(sys._getframe(2))
+            if not test:
+                _heal(w)
 
-    def _check_end(self, w: Worker, info: RequestInfo, here: Worker | None = None) -> None:
-        """After the request: anything it pushed and did not pop is a leak.
+    def _end(self, w: Worker, info: RequestInfo, here: Worker | None = None) -> None:
+        """The request is over: anything it pushed and did not pop is a leak.
 
         ``w`` ran the app; ``here`` is the worker the check runs on (it may
-        have iterated or closed the body), if already known.
+        have iterated or closed the body), if already known. Workers of hooks
+        since uninstalled are not judged: their pops went unseen.
         """
+        info.ended = True
         if not w.open and (here is None or here is w or not here.open):
             return  # the usual case: nothing open anywhere
         try:
             if here is None:
                 here = ledger.worker()
             for owner in (w,) if here is w else (w, here):
-                if owner.open:
+                if owner.open and ledger.known(owner):
                     for item in ledger.open_contexts(owner, info, prune=owner is here):
                         if not item.reported:
                             leaks.report(item, owner, telemetry.SITE_REQUEST_END)
@@ -203,15 +308,51 @@ class CtxGuardMiddleware:
             telemetry.fault("request end check", exc)
 
 
+def _runs_code(body: Any, environ: Any) -> bool:
+    """Can iterating or closing ``body`` run application code?
+
+    A Werkzeug response that is not streamed and has no close callbacks
+    cannot; neither can a list, nor the server's own file wrapper. Anything
+    unknown is assumed to.
+    """
+    kind = type(body)
+    if kind in _PLAIN:
+        return False
+    if kind.__name__ == "ClosingIterator" and kind.__module__ == "werkzeug.wsgi":
+        try:
+            for callback in body._callbacks:
+                response = getattr(callback, "__self__", None)
+                if getattr(callback, "__name__", None) == "close" and hasattr(
+                    response, "_on_close"
+                ):
+                    return bool(
+                        response.is_streamed
+                        or response._on_close
+                        or hasattr(response.response, "close")
+                    )
+        except Exception:
+            return True
+        return True
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is not None:
+        if isinstance(wrapper, type):
+            return not isinstance(body, wrapper)
+        # A wrapper that is a function (uWSGI's) hands back the file itself and
+        # recognises it by identity: a file object is never wrapped.
+        return not (hasattr(body, "read") and hasattr(body, "fileno"))
+    return True
+
+
 def _heal(w: Worker) -> None:
-    """Pop stale contexts from the top of this worker's stack so their teardown runs.
+    """Pop stale contexts from the top of this thread's stack so their teardown runs.
 
     Popping a request context may pop the app context it pushed too: every
-    context that left the ledger is counted.
+    context that left the ledger is counted. A teardown function that raises
+    is logged by its exception type only: its message can hold request data.
     """
     while True:
         item = ledger.top(w)
-        if item is None or item.request is None or not item.current:
+        if item is None or item.request is None or not item.request.ended or not item.current:
             return
         before = ledger.open_contexts(w, prune=False)
         try:
@@ -219,10 +360,10 @@ def _heal(w: Worker) -> None:
         except Exception as exc:
             # A teardown function failed; Flask still popped the context.
             telemetry.log_event(
-                ("heal", item.site),
-                "ctxguard: a teardown function raised while healing a stale %s context: %r",
+                ("heal", item.kind, item.site),
+                "ctxguard: a teardown function raised %s while healing a stale %s context",
+                type(exc).__qualname__,
                 item.kind,
-                exc,
             )
         remaining = {id(other.handle) for other in ledger.open_contexts(w, prune=False)}
         healed = [other for other in before if id(other.handle) not in remaining]
@@ -259,8 +400,13 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks()
 
+    def _here(self) -> Worker:
+        """The worker of the thread running now (the server may iterate on another)."""
+        w = self._worker
+        return w if w.ident == ledger.ident() else ledger.worker()
+
     def _chunks(self) -> Iterator[bytes]:
-        """The chunks, each made with the request set on the worker making it.
+        """The chunks, each made with the request set on the thread making it.
 
         A generator with a plain ``for`` loop rather than ``__next__``: no
         Python call per chunk, and the end of the body costs nothing extra.
@@ -269,14 +415,13 @@ class _Body:
         if body is None:
             return
         info = self._info
-        w = self._worker
+        w = self._here()
         try:
             w.request = info
             for chunk in body:
                 w.request = None
                 yield chunk
-                if w.ident != threading.get_ident():
-                    w = _worker()  # the server iterates on another thread than the app ran on
+                w = self._here()
                 w.request = info
         finally:
             if w.request is info:
@@ -293,7 +438,7 @@ class _Body:
             if close is not None:
                 # Close callbacks are still the request's: what they push, and the
                 # proxies they touch after its context is gone, are attributed to it.
-                here = self._worker if self._worker.ident == threading.get_ident() else _worker()
+                here = self._here()
                 if here.request is None:
                     here.request = self._info
                 else:
@@ -303,7 +448,7 @@ class _Body:
             del close
             if here is not None:
                 here.request = None
-            self._guard._check_end(self._worker, self._info)
+            self._guard._end(self._worker, self._info)
 
     def __del__(self) -> None:
         if self._body is None:
@@ -315,7 +460,30 @@ class _Body:
             # pop normally, and anything left is stale at the next request;
             # finalised on another thread, they cannot be popped: a leak.
             self._body = None
-            if self._worker.ident != threading.get_ident():
-                self._guard._check_end(self._worker, self._info)
+            if self._worker.ident != ledger.ident():
+                self._guard._end(self._worker, self._info)
+            else:
+                self._info.ended = True
         except Exception as exc:
             telemetry.fault("response finaliser", exc)
+
+
+class _IterBody(_Body):
+    """A watched body that is an iterator, as the app's own was (``next()`` works)."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        body = self._body
+        if body is None:
+            raise StopIteration
+        w = self._here()
+        previous = w.request
+        w.request = self._info
+        try:
+            return next(body)  # type: ignore[call-overload]
+        finally:
+            w.request = previous

@@ -13,8 +13,10 @@ altered.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from . import telemetry
@@ -166,6 +168,27 @@ def strip_preserve_key(environ: Any, policy: str) -> None:
         return
     environ.pop(PRESERVE_KEY, None)
     report(PRESERVE_ENVIRON, telemetry.ACTION_ENFORCED)
+
+
+def test_client_request(frame: FrameType | None, limit: int = 32) -> bool:
+    """Is Werkzeug's (or Flask's) test client making the request running here?
+
+    A request made by the test client is a test, whatever ``app.testing``
+    says: the contexts it preserves inside ``with client:`` must be kept. It is
+    recognised by the test client's own function on the stack, which nothing
+    outside the process can fake (a header, ``REMOTE_ADDR`` or the user agent
+    could all come from a client or a proxy in production).
+    """
+    module = sys.modules.get("werkzeug.test")
+    runner = getattr(getattr(module, "run_wsgi_app", None), "__code__", None)
+    if runner is None:
+        return False
+    while frame is not None and limit:
+        if frame.f_code is runner:
+            return True
+        frame = frame.f_back
+        limit -= 1
+    return False
 
 
 def is_development_server(environ: Any) -> bool:

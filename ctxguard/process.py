@@ -8,7 +8,10 @@ back.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from . import frames, ledger, proxies, settings, telemetry, threads
@@ -22,18 +25,31 @@ def installed() -> bool:
     return bool(_patches)
 
 
-def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
+def install(
+    *,
+    tracer_provider: Any = None,
+    meter_provider: Any = None,
+    in_app_include: Iterable[str] | None = None,
+    in_app_exclude: Iterable[str] | None = None,
+) -> bool:
     """Install the process hooks (idempotent); returns whether they are installed.
 
     For workers, scripts and CLIs that run no Flask request but still push
     contexts. Providers given here are used from now on; by default the
-    global ones are used. A bad ``CTXGUARD_DISABLED`` raises ``ConfigError``;
-    a Flask whose internals cannot be hooked is logged and left alone (False).
+    global ones are used. ``in_app_include`` and ``in_app_exclude`` are module
+    prefixes whose frames are (or are not) the application's own code, for
+    the line reported as where a context was pushed or a proxy was touched;
+    by default ``CTXGUARD_IN_APP_INCLUDE`` and ``CTXGUARD_IN_APP_EXCLUDE``
+    (comma-separated). A bad argument raises ``ConfigError``; a bad variable is
+    logged and ignored. A Flask whose internals cannot be hooked is logged and
+    left alone (False).
     """
+    include, exclude, sources = settings.modules(in_app_include, in_app_exclude)
     if settings.disabled():
         return False
     with _lock:
         telemetry.configure(tracer_provider, meter_provider, ledger.observations)
+        frames.configure(include, exclude)
         if _patches:
             return True
         ledger.reset()
@@ -51,7 +67,36 @@ def install(*, tracer_provider: Any = None, meter_provider: Any = None) -> bool:
             threads.reset()
             telemetry.fault("install", exc)
             return False
+        settings.warn_unknown_variables()
+        telemetry.logger.info(
+            "ctxguard: process hooks installed (pid %d); in_app_include=%s (%s),"
+            " in_app_exclude=%s (%s)",
+            os.getpid(),
+            ",".join(include) or "none",
+            sources["in_app_include"],
+            ",".join(exclude) or "none",
+            sources["in_app_exclude"],
+        )
         return True
+
+
+def add_app(app: Any) -> None:
+    """The app's own package is the user's code, even when installed."""
+    if app is not None:
+        frames.add_app(getattr(app, "import_name", None), getattr(app, "root_path", None))
+
+
+def rebind() -> None:
+    """Follow ``threading`` as it is now: gevent patched it after the hooks went in.
+
+    gunicorn's gevent worker patches after the fork, so hooks installed in the
+    master (``--preload``) would otherwise see each worker's greenlets as one
+    thread.
+    """
+    with _lock:
+        if _patches:
+            ledger.rebind()
+            threads.rebind()
 
 
 # Classes are patched in their ``__dict__``; Werkzeug's proxies are instances
@@ -103,5 +148,8 @@ def uninstall() -> None:
     with _lock:
         _restore()
         threads.reset()
+        telemetry.drain_if_safe(sys._getframe(1))
         ledger.reset()
+        frames.reset()
         telemetry.reset()
+        settings.forget_complaints()

@@ -11,6 +11,13 @@ raises (same message, no chained cause).
 Not every failure reaches the user: Werkzeug answers ``bool(request)``,
 ``repr(request)``, ``isinstance(x, ...)``, ``dir()``, ``__doc__`` and
 ``__wrapped__`` with a fallback. Those are not errors and are not reported.
+Nor is introspection: a tool looking a dunder attribute up through a proxy
+(pytest's collection asking every module-level name for ``__test__``,
+``inspect`` for ``__signature__`` or ``__wrapped__``, ``copy`` and ``pickle``
+for ``__reduce_ex__``, doctest, Sphinx, a debugger, an IDE) is not the user's
+code using it. To see the name looked up, ``LocalProxy.__getattr__`` (a
+Werkzeug descriptor that cannot see it) is replaced by a plain function
+doing the same lookup.
 """
 
 from __future__ import annotations
@@ -36,6 +43,50 @@ PROXIES = (
 _getframe = sys._getframe
 #: Werkzeug's ``_ProxyLookup.__get__``: where fallbacks swallow the error.
 _lookup_code: CodeType | None = None
+#: Werkzeug's ``_ProxyLookup.__call__``: a hook called on the object, not looked up.
+_lookup_call_code: CodeType | None = None
+
+#: Protocol hooks that tools (``copy.deepcopy``, ``pickle``, ``isinstance`` with a
+#: proxy as the class) look up on an object they were handed, through
+#: Werkzeug's ``_ProxyLookup``: introspection, unlike operators such as
+#: ``__getitem__``. Only the lookup is: ``copy.copy(request)`` calls the hook
+#: (through ``_ProxyLookup.__call__``), which is using the object.
+_INTROSPECTION_HOOKS = frozenset(
+    (
+        "__copy__",
+        "__deepcopy__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__getstate__",
+        "__getnewargs__",
+        "__getnewargs_ex__",
+        "__instancecheck__",
+        "__subclasscheck__",
+    )
+)
+
+
+def _introspection(name: object) -> bool:
+    """A dunder name (``__test__``, ``__signature__``, ...), or one of pytest's markers."""
+    return isinstance(name, str) and (
+        (len(name) > 4 and name.startswith("__") and name.endswith("__"))
+        or name.startswith("_pytest")
+    )
+
+
+def _proxy_getattr(self: Any, name: str) -> Any:
+    """``LocalProxy.__getattr__``: the proxied object's attribute.
+
+    The same work as Werkzeug's ``_ProxyLookup(getattr)``, whose ``__get__``
+    never sees the name; here the name is a local of this frame, so a failed
+    lookup of a dunder name can be told apart from the user's code.
+    """
+    return getattr(self._get_current_object(), name)
+
+
+_proxy_getattr.__name__ = "__getattr__"
+_proxy_getattr.__qualname__ = "LocalProxy.__getattr__"
+_getattr_code = _proxy_getattr.__code__
 
 
 def _werkzeug_lookup(local: Any, get_name: Any, unbound_message: Any) -> Callable[[], Any]:
@@ -164,12 +215,14 @@ def _replacement(
 
 def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     """The proxies' ``_get_current_object`` attributes, with their replacements."""
-    global _lookup_code
+    global _lookup_code, _lookup_call_code
     import flask.globals
     import werkzeug.local
 
     lookup = getattr(werkzeug.local, "_ProxyLookup", None)
     _lookup_code = getattr(getattr(lookup, "__get__", None), "__code__", None)
+    call = vars(lookup).get("__call__") if isinstance(lookup, type) else None
+    _lookup_call_code = getattr(call, "__code__", None)
     messages = {
         telemetry.KIND_APP: getattr(flask.globals, "_no_app_msg", None),
         telemetry.KIND_REQUEST: getattr(flask.globals, "_no_req_msg", None),
@@ -190,6 +243,29 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
             "_get_current_object",
             _replacement(name, kind, original, app_vars, messages[kind]),
         )
+    proxy_class = werkzeug.local.LocalProxy
+    if _is_werkzeugs_getattr(vars(proxy_class).get("__getattr__"), lookup):
+        yield proxy_class, "__getattr__", _proxy_getattr
+    else:
+        telemetry.log_event(
+            ("proxy shape", "__getattr__"),
+            "ctxguard: werkzeug.local.LocalProxy.__getattr__ is not Werkzeug 2.3-3.1's;"
+            " introspection through a proxy (pytest's collection, inspect) may be"
+            " reported as a context error",
+        )
+
+
+def _is_werkzeugs_getattr(current: Any, lookup: Any) -> bool:
+    """Is ``LocalProxy.__getattr__`` Werkzeug's ``_ProxyLookup(getattr)``, whose work
+    ``_proxy_getattr`` does?"""
+    if lookup is None or not isinstance(current, lookup):
+        return False
+    bind = getattr(current, "bind_f", None)
+    return (
+        getattr(current, "fallback", 0) is None
+        and getattr(current, "class_value", 0) is None
+        and _closure(bind).get("f") is getattr
+    )
 
 
 # --------------------------------------------------------------------------
@@ -197,29 +273,51 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
 
 
 def _outside(proxy: str, kind: str, error: RuntimeError) -> None:
-    """Report a proxy used outside its context, unless Werkzeug swallows it."""
+    """Report a proxy used outside its context, unless it is not the user's use.
+
+    Not reported: a lookup Werkzeug answers with a fallback, introspection,
+    and a proxy touched by something ctxguard itself called while emitting
+    (a span processor, an exporter, a logging filter).
+    """
     try:
         caller = _getframe(2)  # whoever asked the proxy for its object
-        if _swallowed(caller):
+        if _not_a_use(caller):
             return
-        report(proxy, kind, error, caller)
+        state = telemetry.stack_state(caller)
+        if state == telemetry.INSIDE_CTXGUARD:
+            return
+        report(proxy, kind, error, caller, later=state == telemetry.INSIDE_SDK)
     except Exception as exc:
         telemetry.fault("proxy error", exc)
 
 
-def _swallowed(frame: FrameType) -> bool:
-    """Is Werkzeug asking, for a lookup that answers with a fallback instead?"""
-    if frame.f_code is not _lookup_code:
+def _not_a_use(frame: FrameType) -> bool:
+    """Is this lookup one that is not the user's code using the proxy?
+
+    Werkzeug asking for a lookup that answers with a fallback instead of
+    raising, or a tool introspecting the proxy by a dunder name.
+    """
+    code = frame.f_code
+    if code is _getattr_code:
+        return _introspection(frame.f_locals.get("name"))
+    if code is not _lookup_code:
         return False
     lookup = frame.f_locals.get("self")
-    return getattr(lookup, "fallback", None) is not None
+    if getattr(lookup, "fallback", None) is not None:
+        return True
+    called = frame.f_back is not None and frame.f_back.f_code is _lookup_call_code
+    return not called and getattr(lookup, "name", None) in _INTROSPECTION_HOOKS
 
 
-def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> None:
+def report(
+    proxy: str, kind: str, error: BaseException, caller: FrameType, *, later: bool = False
+) -> None:
     """Count the error, and emit its span (rate limited per site) and log line.
 
     The counter is exact, so it is added first and cheaply; where the line is
     and which hint fits are worked out only if a span or a log line goes out.
+    ``later``: the OpenTelemetry SDK is running on this thread, so emit at the
+    next safe point.
     """
     w = ledger.worker()
     worker_kind = threads.kind_of(w)
@@ -231,7 +329,7 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
     }
     if origin is not None and origin.route is not None:
         counted[telemetry.HTTP_ROUTE] = origin.route
-    telemetry.count(telemetry.ERRORS, counted)
+    telemetry.count(telemetry.ERRORS, counted, later=later)
 
     site = frames.site_from(caller, 64, through_stdlib=True)
     key = site if site is not None else (proxy, worker_kind)
@@ -279,8 +377,9 @@ def report(proxy: str, kind: str, error: BaseException, caller: FrameType) -> No
         exception=error,
         stacktrace=lambda: frames.stack_text(caller),
         link=getattr(origin, "span_context", None),
+        later=later,
     )
-    telemetry.log_event(("error", key), message)
+    telemetry.log_event(("error", key), message, later=later)
 
 
 def _importing(frame: FrameType | None, site: frames.Site | None) -> bool:
@@ -333,6 +432,13 @@ def hint(
             f"No request is being handled here: pass the values from `{proxy}` in as"
             " arguments from the view that has them, or use `app.test_request_context()`"
             " in tests."
+        )
+    if spawned and proxy == telemetry.PROXY_G:
+        # A fresh app context (propagate="app", or `with app.app_context():`) has an
+        # empty `g`: the values the request set are not there either.
+        return (
+            f"`g` belongs to the request's app context and is empty in any other: pass"
+            f" the values this {worker_kind} needs from `g` in as arguments."
         )
     if spawned:
         return (

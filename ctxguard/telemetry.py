@@ -10,9 +10,13 @@ them at most once per minute.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import sys
 import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -113,31 +117,44 @@ Observations = Callable[[], Mapping[str, Iterable[tuple[Mapping[str, str], int]]
 
 
 class _Throttle:
-    """Lets one event per key through per interval and counts the rest."""
+    """Lets one event per key through per interval and counts the rest.
+
+    No lock: ``allow`` is reachable from finalisers, which may run on a thread
+    in the middle of this very method. Each step is one dict operation or one
+    ``next()`` on a C counter, atomic under the GIL; two threads racing on one
+    key may both be let through once, which only costs a span.
+    """
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._last: dict[Any, float] = {}
-        self._dropped: dict[Any, int] = {}
-        self._lock = threading.Lock()
+        self._dropped: dict[Any, Any] = {}
 
     def allow(self, key: Any) -> tuple[bool, int]:
         now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval:
-                self._dropped[key] = self._dropped.get(key, 0) + 1
-                return False, 0
-            if len(self._last) > 10_000:  # bounded, whatever the keys
-                self._last.clear()
-                self._dropped.clear()
-            self._last[key] = now
-            return True, self._dropped.pop(key, 0)
-
-    def reset(self) -> None:
-        with self._lock:
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            dropped = self._dropped.get(key)
+            if dropped is None:
+                dropped = self._dropped.setdefault(key, itertools.count())
+            next(dropped)
+            return False, 0
+        if len(self._last) > 10_000:  # bounded, whatever the keys
             self._last.clear()
             self._dropped.clear()
+        self._last[key] = now
+        dropped = self._dropped.pop(key, None)
+        return True, _count_value(dropped) if dropped is not None else 0
+
+    def reset(self) -> None:
+        self._last.clear()
+        self._dropped.clear()
+
+
+def _count_value(counter: Any) -> int:
+    """How many times ``next()`` was called on a fresh ``itertools.count()``."""
+    text = repr(counter)  # "count(N)"
+    return int(text[text.index("(") + 1 : -1])
 
 
 _faults = _Throttle(LOG_INTERVAL)
@@ -145,31 +162,144 @@ _logs = _Throttle(LOG_INTERVAL)
 _spans = _Throttle(SPAN_INTERVAL)
 
 
+# --------------------------------------------------------------------------
+# When it is not safe to emit now.
+#
+# A finaliser (an abandoned response body, a generator closed by a garbage
+# collection) can run in the middle of any code on its thread: inside the
+# OpenTelemetry SDK while it holds one of its locks (an aggregation's, while a
+# collection allocates), or inside ctxguard's own emission. Emitting from there
+# could wait for ever on a lock the same thread holds, so such events are kept
+# in a queue (``deque.append`` takes no lock) and emitted at the next safe point:
+# the next request, the end of a thread or task, ``snapshot()``, or the next
+# event emitted from a safe place. Counters stay exact; they are only later.
+
+SAFE = 0
+#: OpenTelemetry's SDK or an exporter is running on this thread: emit later.
+INSIDE_SDK = 1
+#: ctxguard itself is emitting on this thread (a span processor, exporter or log
+#: filter it called touched a proxy): what happens there is not the user's.
+INSIDE_CTXGUARD = 2
+
+_STACK_LIMIT = 48
+_SDK_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter")
+_sdk_files: dict[str, bool] = {}
+_pending: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+#: Events kept for the next safe point; empty (false) nearly always.
+pending = _pending
+_emitters: frozenset[Any] = frozenset()
+
+
+def stack_state(frame: Any) -> int:
+    """Where this thread is, looking outwards from ``frame``: ``SAFE``,
+    ``INSIDE_SDK`` or ``INSIDE_CTXGUARD``."""
+    state = SAFE
+    limit = _STACK_LIMIT
+    emitters, sdk_files = _emitters, _sdk_files
+    while frame is not None and limit:
+        code = frame.f_code
+        if code in emitters:
+            return INSIDE_CTXGUARD
+        if state == SAFE:
+            filename = code.co_filename
+            inside = sdk_files.get(filename)
+            if inside is None:
+                name = frame.f_globals.get("__name__")
+                inside = isinstance(name, str) and name.startswith(_SDK_MODULES)
+                if len(sdk_files) > 10_000:
+                    sdk_files.clear()
+                sdk_files[filename] = inside
+            if inside:
+                state = INSIDE_SDK
+        frame = frame.f_back
+        limit -= 1
+    return state
+
+
+def _later(frame: Any) -> bool:
+    return stack_state(frame) != SAFE
+
+
+def drain() -> None:
+    """Emit what was kept for later; call only from a safe place."""
+    while _pending:
+        try:
+            func, args = _pending.popleft()
+        except IndexError:
+            return
+        func(*args)
+
+
+def drain_if_safe(frame: Any) -> None:
+    """Emit what was kept for later, unless this thread is in an unsafe place."""
+    try:
+        if stack_state(frame) == SAFE:
+            drain()
+    except Exception as exc:
+        fault("deferred events", exc)
+
+
 def fault(where: str, exc: BaseException) -> None:
-    """Log one of ctxguard's own failures, at most once per minute per place."""
+    """Log one of ctxguard's own failures, at most once per minute per place.
+
+    The exception's type and where it was raised are logged, not its message:
+    an exception raised around a request can carry the request's data.
+    """
+    try:
+        if _later(sys._getframe(1)):
+            _pending.append((_fault, (where, exc)))
+        else:
+            _fault(where, exc)
+    except Exception:
+        pass
+
+
+def _fault(where: str, exc: BaseException) -> None:
     try:
         allowed, dropped = _faults.allow(where)
         if allowed:
+            stack = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
             logger.warning(
                 "ctxguard: internal error in %s (ignored, the application is not affected;"
-                " %d more since the last report): %r",
+                " %d more since the last report): %s\n%s",
                 where,
                 dropped,
-                exc,
-                exc_info=exc,
+                type(exc).__qualname__,
+                stack,
             )
     except Exception:
         pass
 
 
 def log_event(
-    key: Any, message: str | Callable[[], tuple[str, tuple[Any, ...]]], *args: Any
+    key: Any,
+    message: str | Callable[[], tuple[str, tuple[Any, ...]]],
+    *args: Any,
+    later: bool | None = None,
 ) -> None:
     """Log an event once per key per minute on the ``ctxguard`` logger.
 
     ``message`` may be a function returning the message and its arguments,
-    called only when the line is let through.
+    called only when the line is let through. ``later`` is as for ``count``.
     """
+    try:
+        if later is None:
+            later = _later(sys._getframe(1))
+        if later:
+            if callable(message):
+                message, args = message()
+            _pending.append((_log, (key, message, args)))
+            return
+        if _pending:
+            drain()
+        _log(key, message, args)
+    except Exception as exc:
+        fault("log", exc)
+
+
+def _log(
+    key: Any, message: str | Callable[[], tuple[str, tuple[Any, ...]]], args: tuple[Any, ...]
+) -> None:
     try:
         allowed, dropped = _logs.allow(key)
         if allowed:
@@ -236,6 +366,7 @@ def reset() -> None:
     _faults.reset()
     _logs.reset()
     _spans.reset()
+    _pending.clear()
 
 
 def _instruments() -> dict[str, Any]:
@@ -315,8 +446,26 @@ def _tracer() -> Any:
     return _state.tracer
 
 
-def count(name: str, attributes: Mapping[str, Any]) -> None:
-    """Add one to a synchronous counter; never raises."""
+def count(name: str, attributes: Mapping[str, Any], *, later: bool | None = None) -> None:
+    """Add one to a synchronous counter, now or at the next safe point; never raises.
+
+    ``later`` says whether this thread is somewhere emitting is not safe (see
+    ``stack_state``); None works it out.
+    """
+    try:
+        if later is None:
+            later = _later(sys._getframe(1))
+        if later:
+            _pending.append((_count, (name, dict(attributes))))
+            return
+        if _pending:
+            drain()
+        _count(name, attributes)
+    except Exception as exc:
+        fault(f"counter {name}", exc)
+
+
+def _count(name: str, attributes: Mapping[str, Any]) -> None:
     try:
         counter = _instruments().get(name)
         if counter is not None:
@@ -359,17 +508,52 @@ def span(
     exception: BaseException | None = None,
     stacktrace: Callable[[], str] | None = None,
     link: Any = None,
+    root: bool = False,
+    later: bool | None = None,
 ) -> None:
     """Emit one finished ERROR span, at most once per second per ``throttle_key``.
 
     The next span let through for the same key carries how many were dropped
     in ``ctxguard.suppressed``. ``attributes`` may be a function, called only
-    when the span is let through. With ``stacktrace`` the exception is recorded
-    as an ``exception`` event built from what it returns (cheap, and only
-    called when the span is let through); otherwise
-    ``record_exception`` formats the traceback itself. ``link`` is a span
-    context to link to (the request that spawned the work). Never raises.
+    when the span is let through. With ``exception`` an ``exception`` event is
+    added, its stack trace built from what ``stacktrace`` returns (cheap: no
+    source lines are read, unlike ``record_exception``). ``link`` is a span
+    context to link to (the request the event belongs to). ``root`` starts a
+    trace of its own instead of a child of the current span: the span of the
+    request a leak belongs to has usually ended by the time it is found.
+    ``later`` is as for ``count``. Never raises.
     """
+    try:
+        if later is None:
+            later = _later(sys._getframe(1))
+        if later:
+            # Resolved now: the frames they read may be gone by the safe point.
+            if callable(attributes):
+                attributes = attributes()
+            trace_text = stacktrace() if stacktrace is not None else None
+            _pending.append(
+                (
+                    _span,
+                    (name, attributes, throttle_key, exception, lambda: trace_text, link, root),
+                )
+            )
+            return
+        if _pending:
+            drain()
+        _span(name, attributes, throttle_key, exception, stacktrace, link, root)
+    except Exception as exc:
+        fault(f"span {name}", exc)
+
+
+def _span(
+    name: str,
+    attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    throttle_key: Any,
+    exception: BaseException | None,
+    stacktrace: Callable[[], str | None] | None,
+    link: Any,
+    root: bool,
+) -> None:
     try:
         if throttle_key is not None:
             allowed, dropped = _spans.allow((name, throttle_key))
@@ -384,24 +568,31 @@ def span(
         tracer = _tracer()
         clean = {k: v for k, v in attributes.items() if v is not None}
         links = (Link(link),) if link is not None else None
-        sp = tracer.start_span(name, kind=SpanKind.INTERNAL, attributes=clean, links=links)
+        parent = _ROOT if root else None
+        sp = tracer.start_span(
+            name, context=parent, kind=SpanKind.INTERNAL, attributes=clean, links=links
+        )
         try:
             if exception is not None:
-                if stacktrace is None:
-                    sp.record_exception(exception)
-                else:
-                    sp.add_event(
-                        "exception",
-                        {
-                            EXCEPTION_TYPE: type(exception).__qualname__,
-                            EXCEPTION_MESSAGE: str(exception),
-                            EXCEPTION_STACKTRACE: (
-                                f"{stacktrace()}\n{type(exception).__qualname__}: {exception}"
-                            ),
-                        },
-                    )
+                kind = type(exception).__qualname__
+                text = stacktrace() if stacktrace is not None else None
+                event = {EXCEPTION_TYPE: kind, EXCEPTION_MESSAGE: str(exception)}
+                if text is not None:
+                    event[EXCEPTION_STACKTRACE] = f"{text}\n{kind}: {exception}"
+                sp.add_event("exception", event)
             sp.set_status(Status(StatusCode.ERROR))
         finally:
             sp.end()
     except Exception as exc:
         fault(f"span {name}", exc)
+
+
+#: A context with no span in it: the parent of a span that starts its own trace.
+_ROOT = trace.set_span_in_context(trace.INVALID_SPAN)
+
+#: ctxguard's emitting functions: a proxy touched while one of them is on the
+#: stack was touched by something ctxguard called (see ``stack_state``).
+_emitters = frozenset(
+    func.__code__
+    for func in (count, _count, span, _span, log_event, _log, fault, _fault, drain, _instruments)
+)

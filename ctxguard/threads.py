@@ -172,10 +172,12 @@ def _exit(state: _State | None, site: str) -> None:
             except Exception as exc:  # a teardown function of the app raised
                 telemetry.log_event(
                     ("propagated teardown", site),
-                    "ctxguard: a teardown function raised while popping the propagated"
-                    " app context: %r",
-                    exc,
+                    "ctxguard: a teardown function raised %s while popping the propagated"
+                    " app context",
+                    type(exc).__qualname__,
                 )
+        if telemetry.pending:
+            telemetry.drain_if_safe(sys._getframe(1))
         w = ledger.existing()
         # Uninstalled meanwhile: pops since went unseen, so the ledger cannot judge.
         if w is not None and w.open and _active:
@@ -339,6 +341,12 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
 
 def _defining(cls: type, name: str) -> type:
     return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def rebind() -> None:
+    """Use ``threading``'s identity as it is now (gevent patched it since install)."""
+    global _get_ident
+    _get_ident = threading.get_ident
 
 
 def reset() -> None:

@@ -581,11 +581,19 @@ def test_propagate_from_the_environment(telemetry, monkeypatch):
     assert telemetry.value(LEAKS) == 0
 
 
-def test_bad_propagate_value_names_the_variable(monkeypatch):
-    """A typo in ``CTXGUARD_PROPAGATE`` fails at start-up and says which variable."""
+def test_bad_propagate_value_names_the_variable(telemetry, monkeypatch, caplog_ctxguard):
+    """A typo in ``CTXGUARD_PROPAGATE`` is logged with the variable's name and the values
+    allowed, and propagation stays off (the default); a typo in code fails where it was
+    written."""
     monkeypatch.setenv("CTXGUARD_PROPAGATE", "request")
-    with pytest.raises(ctxguard.ConfigError, match=r"^CTXGUARD_PROPAGATE='request'"):
-        ctxguard.CtxGuard(Flask("typo"), environment="production")
+    seen: dict[str, Any] = {}
+    app = propagating_app(seen)
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert app.test_client().get("/items/2").status_code == 200
+    assert type(seen["app"]) is RuntimeError  # no app context was propagated
+    messages = [r.getMessage() for r in caplog_ctxguard.records]
+    (line,) = [m for m in messages if "CTXGUARD_PROPAGATE" in m]
+    assert "'request'" in line and "off, app" in line
     with pytest.raises(ctxguard.ConfigError, match=r"^propagate='yes'"):
         ctxguard.CtxGuard(Flask("typo"), environment="production", propagate="yes")
 
