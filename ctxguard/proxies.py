@@ -66,12 +66,23 @@ _INTROSPECTION_HOOKS = frozenset(
 )
 
 
-def _introspection(name: object) -> bool:
-    """A dunder name (``__test__``, ``__signature__``, ...), or one of pytest's markers."""
-    return isinstance(name, str) and (
+#: Attributes test tools probe every module-level name for: pytest's fixture
+#: marker (before pytest 8.4) and its check for ``unittest.mock`` objects.
+_TOOL_PROBES = ("_pytest", "_mock_")
+#: Packages whose own code looking a name up through a proxy is a tool's.
+_TOOL_PACKAGES = ("_pytest", "pytest", "pluggy")
+
+
+def _introspection(name: object, caller: FrameType | None) -> bool:
+    """A dunder name (``__test__``, ``__signature__``, ...), a test tool's probe, or
+    any lookup made by pytest's own code."""
+    if isinstance(name, str) and (
         (len(name) > 4 and name.startswith("__") and name.endswith("__"))
-        or name.startswith("_pytest")
-    )
+        or name.startswith(_TOOL_PROBES)
+    ):
+        return True
+    module = caller.f_globals.get("__name__") if caller is not None else None
+    return isinstance(module, str) and module.partition(".")[0] in _TOOL_PACKAGES
 
 
 def _proxy_getattr(self: Any, name: str) -> Any:
@@ -299,7 +310,7 @@ def _not_a_use(frame: FrameType) -> bool:
     """
     code = frame.f_code
     if code is _getattr_code:
-        return _introspection(frame.f_locals.get("name"))
+        return _introspection(frame.f_locals.get("name"), frame.f_back)
     if code is not _lookup_code:
         return False
     lookup = frame.f_locals.get("self")

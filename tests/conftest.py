@@ -23,6 +23,8 @@ from werkzeug.serving import make_server
 
 import ctxguard
 
+pytest_plugins = ["pytester"]
+
 
 class Telemetry:
     """What ctxguard exported during one test."""
@@ -60,6 +62,56 @@ class Telemetry:
             for attrs, value in self.points(metric)
             if all(attrs.get(k) == v for k, v in wanted.items())
         )
+
+
+class GlobalTelemetry(Telemetry):
+    """The process's global OpenTelemetry providers, as one test sees them.
+
+    What ctxguard emits with no provider of its own (after ``uninstall()``,
+    which forgets the providers it was given, or when switched off) goes to
+    the global providers. Assertions that nothing was reported then read
+    these, so that they can fail. Set once per process (OpenTelemetry allows
+    that only once); each test sees only what happened since it started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from opentelemetry import metrics, trace
+
+        trace.set_tracer_provider(self.tracer_provider)
+        metrics.set_meter_provider(self.meter_provider)
+        self._baseline: list[tuple[str, dict[str, Any], int]] = []
+
+    def start(self) -> None:
+        self.exporter.clear()
+        data = self.reader.get_metrics_data()
+        self._baseline = [
+            (m.name, dict(p.attributes), p.value)
+            for rm in (data.resource_metrics if data else [])
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            for p in m.data.data_points
+        ]
+
+    def points(self, metric: str) -> list[tuple[dict[str, Any], int]]:
+        """Data points of one metric since the test started, as (attributes, value)."""
+        found = super().points(metric)
+        for name, attributes, value in self._baseline:
+            if name == metric:
+                found.append((attributes, -value))
+        return found
+
+
+_global_telemetry: GlobalTelemetry | None = None
+
+
+@pytest.fixture
+def global_telemetry() -> GlobalTelemetry:
+    global _global_telemetry
+    if _global_telemetry is None:
+        _global_telemetry = GlobalTelemetry()
+    _global_telemetry.start()
+    return _global_telemetry
 
 
 def _clear_flask_contexts() -> None:
