@@ -25,6 +25,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from types import GeneratorType
 from typing import Any
 
 from . import frames, leaks, ledger, policy, process, settings, telemetry, threads
@@ -312,8 +313,8 @@ def _runs_code(body: Any, environ: Any) -> bool:
     """Can iterating or closing ``body`` run application code?
 
     A Werkzeug response that is not streamed and has no close callbacks
-    cannot; neither can a list, nor the server's own file wrapper. Anything
-    unknown is assumed to.
+    cannot; neither can a list, nor the server's own file wrapper. A generator
+    can, and anything unknown is assumed to.
     """
     kind = type(body)
     if kind in _PLAIN:
@@ -333,13 +334,16 @@ def _runs_code(body: Any, environ: Any) -> bool:
         except Exception:
             return True
         return True
+    if kind is GeneratorType:
+        return True
     wrapper = environ.get("wsgi.file_wrapper")
     if wrapper is not None:
         if isinstance(wrapper, type):
             return not isinstance(body, wrapper)
-        # A wrapper that is a function (uWSGI's) hands back the file itself and
-        # recognises it by identity: a file object is never wrapped.
-        return not (hasattr(body, "read") and hasattr(body, "fileno"))
+        # A wrapper that is a function hands back an object of the server's (uWSGI's
+        # is the file itself, recognised by identity): what Flask passes straight
+        # through is that object, and iterating it runs no application code.
+        return False
     return True
 
 
@@ -387,15 +391,16 @@ class _Body:
     ``close()``, the check runs when it is finalised, on whatever thread that is.
     """
 
-    __slots__ = ("_body", "_guard", "_info", "_worker")
+    __slots__ = ("_body", "_guard", "_info", "_open", "_worker")
 
     def __init__(
         self, body: Iterable[bytes], guard: CtxGuardMiddleware, w: Worker, info: RequestInfo
     ):
-        self._body: Iterable[bytes] | None = body  # None once closed or finalised
+        self._body: Iterable[bytes] | None = body  # None once finalised
         self._guard = guard
         self._worker = w
         self._info = info
+        self._open = True  # until the first close() or the finaliser
 
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks()
@@ -428,32 +433,36 @@ class _Body:
                 w.request = None
 
     def close(self) -> None:
-        body, self._body = self._body, None
-        if body is None:
-            return
-        close = getattr(body, "close", None)
-        del body
+        """Close the app's body, every time it is called, as the server asks.
+
+        The first close ends the request: what the close callbacks push, and
+        the proxies they touch after its context is gone, are attributed to
+        it; then anything of the request still open is a leak.
+        """
+        close = getattr(self._body, "close", None)
+        first, self._open = self._open, False
         here = None
         try:
             if close is not None:
-                # Close callbacks are still the request's: what they push, and the
-                # proxies they touch after its context is gone, are attributed to it.
-                here = self._here()
-                if here.request is None:
-                    here.request = self._info
-                else:
-                    here = None
+                if first:
+                    here = self._here()
+                    if here.request is None:
+                        here.request = self._info
+                    else:
+                        here = None
                 close()
         finally:
             del close
             if here is not None:
                 here.request = None
-            self._guard._end(self._worker, self._info)
+            if first:
+                self._guard._end(self._worker, self._info)
 
     def __del__(self) -> None:
-        if self._body is None:
+        if not self._open:
             return
         try:
+            self._open = False
             # Abandoned without close(). Drop the body: it is finalised as it
             # would have been without ctxguard (the chunk generator may still
             # hold it for a moment). On the thread that served it, its contexts
