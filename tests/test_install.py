@@ -154,8 +154,10 @@ def test_a_guarded_app_after_uninstall_behaves_as_bare(telemetry):
     assert app.view_calls == 2  # type: ignore[attr-defined]
 
 
-def test_disabled_patches_nothing(monkeypatch, telemetry):
-    """CTXGUARD_DISABLED=1 is the kill switch: no hook in Flask, app.wsgi_app left alone."""
+def test_disabled_patches_nothing(monkeypatch, telemetry, global_telemetry):
+    """CTXGUARD_DISABLED=1 is the kill switch: no hook in Flask, app.wsgi_app left alone,
+    nothing reported (switched off, ctxguard takes no provider of its own, so a report
+    could only go to the global providers: those are read too)."""
     monkeypatch.setenv("CTXGUARD_DISABLED", "1")
     originals = patched_objects()
     app = leaky_app()
@@ -171,6 +173,9 @@ def test_disabled_patches_nothing(monkeypatch, telemetry):
     assert telemetry.value(LEAKS) == 0
     assert telemetry.value(PUSHES) == 0
     assert telemetry.spans() == []
+    assert global_telemetry.value(LEAKS) == 0
+    assert global_telemetry.spans() == []
+    assert ctxguard.snapshot()["workers"] == []
 
 
 LATE_PROVIDERS = textwrap.dedent(

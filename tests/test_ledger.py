@@ -59,7 +59,9 @@ def test_counts_are_exact_across_threads(telemetry):
     gc.collect()
     assert telemetry.value(PUSHES, APP) == 1600
     assert telemetry.value(POPS, pops("app", "ok")) == 1600
-    # A second collection after the threads' ledgers were folded: still exact.
+    assert telemetry.value(OPEN, APP) == 0
+    assert ctxguard.snapshot()["workers"] == []
+    # Read again: the counts are cumulative, not reset by a read nor lost with the threads.
     assert telemetry.value(PUSHES, APP) == 1600
 
 

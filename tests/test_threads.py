@@ -715,11 +715,12 @@ def held_before_run(gate: threading.Event) -> Iterator[None]:
 
 
 def test_thread_started_while_installed_and_run_after_uninstall_reports_nothing(
-    telemetry, caplog_ctxguard
+    global_telemetry, caplog_ctxguard
 ):
     """A thread started in a request while ctxguard was installed, whose ``run`` begins
     after ``uninstall()``: ctxguard steps aside (no propagated app context, no report, no
-    log), and the thread still does its work."""
+    log), and the thread still does its work. A report made after ``uninstall()`` would go
+    to the global providers, which are read here."""
     app = Flask("stepaside")
     gate = threading.Event()
     seen: dict[str, Any] = {}
@@ -733,7 +734,7 @@ def test_thread_started_while_installed_and_run_after_uninstall_reports_nothing(
         started.append(thread)
         return "ok"
 
-    ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+    ctxguard.CtxGuard(app, environment="production", propagate="app")
     assert app.test_client().get("/").status_code == 200
     assert seen == {}  # held before its run
     ctxguard.uninstall()
@@ -743,14 +744,14 @@ def test_thread_started_while_installed_and_run_after_uninstall_reports_nothing(
     assert not started[0].is_alive()
     assert type(seen["app"]) is RuntimeError
     assert_outside_request_error(seen["error"])
-    assert telemetry.spans() == []
-    assert telemetry.value(ERRORS) == 0
-    assert telemetry.value(LEAKS) == 0
+    assert global_telemetry.spans() == []
+    assert global_telemetry.value(ERRORS) == 0
+    assert global_telemetry.value(LEAKS) == 0
     assert caplog_ctxguard.records == []
 
 
 def test_task_queued_while_installed_and_run_after_uninstall_reports_nothing(
-    telemetry, caplog_ctxguard
+    global_telemetry, caplog_ctxguard
 ):
     """The same for an executor task submitted in a request, queued behind a busy worker,
     and run after ``uninstall()``."""
@@ -766,7 +767,7 @@ def test_task_queued_while_installed_and_run_after_uninstall_reports_nothing(
             queued.append(pool.submit(late_work, app, seen))
             return "ok"
 
-        ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+        ctxguard.CtxGuard(app, environment="production", propagate="app")
         busy = pool.submit(gate.wait, 10)  # the only worker is busy until the gate opens
         assert app.test_client().get("/").status_code == 200
         assert seen == {}
@@ -777,9 +778,9 @@ def test_task_queued_while_installed_and_run_after_uninstall_reports_nothing(
 
     assert type(seen["app"]) is RuntimeError
     assert_outside_request_error(seen["error"])
-    assert telemetry.spans() == []
-    assert telemetry.value(ERRORS) == 0
-    assert telemetry.value(LEAKS) == 0
+    assert global_telemetry.spans() == []
+    assert global_telemetry.value(ERRORS) == 0
+    assert global_telemetry.value(LEAKS) == 0
     assert caplog_ctxguard.records == []
 
 
@@ -792,7 +793,9 @@ def balanced_across(app: Flask, inside: threading.Event, gate: threading.Event) 
 
 
 @pytest.mark.parametrize("how", ["thread", "executor"])
-def test_balanced_work_running_across_uninstall_is_not_reported(telemetry, caplog_ctxguard, how):
+def test_balanced_work_running_across_uninstall_is_not_reported(
+    global_telemetry, caplog_ctxguard, how
+):
     """Work started in a request that pushes a context, sees ``uninstall()`` land, then pops
     it and ends: it was balanced, so nothing is reported or logged as a leak when the thread
     (or the pool's thread) ends. With ``propagate="app"`` the task's own propagated context
@@ -815,7 +818,7 @@ def test_balanced_work_running_across_uninstall_is_not_reported(telemetry, caplo
             workers.append(pool.submit(balanced_across, app, inside, gate))
         return "ok"
 
-    ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+    ctxguard.CtxGuard(app, environment="production", propagate="app")
     try:
         assert app.test_client().get("/").status_code == 200
         assert inside.wait(10)
@@ -830,7 +833,7 @@ def test_balanced_work_running_across_uninstall_is_not_reported(telemetry, caplo
         pool.shutdown(wait=True)  # the pool's thread ends here
 
     assert results == ["across"]
-    assert telemetry.spans() == []
+    assert global_telemetry.spans() == []
     assert [r.getMessage() for r in caplog_ctxguard.records] == []
 
 
