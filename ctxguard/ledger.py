@@ -699,6 +699,27 @@ def has_open(w: Worker, request: RequestInfo) -> bool:
     return any(record[_REQUEST] is request for record in w.open)
 
 
+def handed_over(w: Worker, item: OpenContext) -> bool:
+    """Was this context pushed again, after the request's push, by someone else?
+
+    The test client pushes a request's contexts again after the request to
+    keep them inside ``with client:``; whoever did will pop them. The
+    request's push is theirs from now on (its record takes their request, so
+    it is not found stale later either).
+    """
+    record = item.handle
+    ctx = record[_CTX]
+    records = w.open
+    below = True
+    for other in list(records):
+        if other is record:
+            below = False
+        elif not below and other[_CTX] is ctx and other[_REQUEST] is not record[_REQUEST]:
+            record[_REQUEST] = other[_REQUEST]
+            return True
+    return False
+
+
 def needs_attention(w: Worker) -> bool:
     """Cheap test for the middleware: is there anything new or stale on this worker?"""
     return any(len(record) == _FIELDS or record[_REQUEST] is not None for record in w.open)

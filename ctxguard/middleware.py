@@ -185,7 +185,7 @@ class CtxGuardMiddleware:
             try:
                 if telemetry.pending:
                     telemetry.drain_if_safe(sys._getframe(1))
-                if threading.get_ident is not ledger.ident:
+                if threading.get_ident is not ledger.ident and process.installed():
                     process.rebind()  # gevent patched threading after ctxguard was installed
                 w = ledger.worker()
                 # Not inside another guarded request (two middlewares), and installed.
@@ -303,7 +303,7 @@ class CtxGuardMiddleware:
             for owner in (w,) if here is w else (w, here):
                 if owner.open and ledger.known(owner):
                     for item in ledger.open_contexts(owner, info, prune=owner is here):
-                        if not item.reported:
+                        if not item.reported and not ledger.handed_over(owner, item):
                             leaks.report(item, owner, telemetry.SITE_REQUEST_END)
         except Exception as exc:
             telemetry.fault("request end check", exc)
@@ -358,6 +358,8 @@ def _heal(w: Worker) -> None:
         item = ledger.top(w)
         if item is None or item.request is None or not item.request.ended or not item.current:
             return
+        if not item.reported:
+            return  # its request ended since the check above: reported and healed next time
         before = ledger.open_contexts(w, prune=False)
         try:
             item.context().pop()
