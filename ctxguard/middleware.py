@@ -211,13 +211,21 @@ class CtxGuardMiddleware:
 
         w.request = info
         try:
-            body = self._call_app(environ, start_response)
+            if self._function is None:
+                body = self._wsgi_app(environ, start_response)  # type: ignore[misc]
+            else:
+                body = self._call_app(environ, start_response)
         except BaseException:
             w.request = None
             self._end(w, info)
             raise
         w.request = None
         try:
+            # The usual response: a Werkzeug body that runs no code of the app any
+            # more, and nothing of the request left open. Handed back as it is.
+            if type(body) is _closing_type and not w.open and not _closing_runs_code(body):
+                info.ended = True
+                return body
             return self._watch(body, environ, w, info)
         except Exception as exc:
             telemetry.fault("middleware body", exc)
@@ -309,6 +317,28 @@ class CtxGuardMiddleware:
             telemetry.fault("request end check", exc)
 
 
+#: Werkzeug's ``ClosingIterator``, what a Flask app returns for every response
+#: that is not passed straight through; found on the first one seen.
+_closing_type: type | None = None
+
+
+def _closing_runs_code(body: Any) -> bool:
+    """Can iterating or closing this ``ClosingIterator`` run application code?
+
+    Werkzeug's response puts its own ``close`` last among the callbacks; the
+    response runs the app's code only if it is streamed (a generator), its
+    body has a ``close`` of its own, or ``call_on_close`` callbacks were added.
+    Anything unexpected is assumed to run code.
+    """
+    try:
+        response = body._callbacks[-1].__self__
+        return bool(
+            response._on_close or response.is_streamed or hasattr(response.response, "close")
+        )
+    except Exception:
+        return True
+
+
 def _runs_code(body: Any, environ: Any) -> bool:
     """Can iterating or closing ``body`` run application code?
 
@@ -316,24 +346,15 @@ def _runs_code(body: Any, environ: Any) -> bool:
     cannot; neither can a list, nor the server's own file wrapper. A generator
     can, and anything unknown is assumed to.
     """
+    global _closing_type
     kind = type(body)
     if kind in _PLAIN:
         return False
-    if kind.__name__ == "ClosingIterator" and kind.__module__ == "werkzeug.wsgi":
-        try:
-            for callback in body._callbacks:
-                response = getattr(callback, "__self__", None)
-                if getattr(callback, "__name__", None) == "close" and hasattr(
-                    response, "_on_close"
-                ):
-                    return bool(
-                        response.is_streamed
-                        or response._on_close
-                        or hasattr(response.response, "close")
-                    )
-        except Exception:
-            return True
-        return True
+    if kind is _closing_type or (
+        kind.__name__ == "ClosingIterator" and kind.__module__ == "werkzeug.wsgi"
+    ):
+        _closing_type = kind
+        return _closing_runs_code(body)
     if kind is GeneratorType:
         return True
     wrapper = environ.get("wsgi.file_wrapper")
