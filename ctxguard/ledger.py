@@ -43,7 +43,7 @@ _FIELDS = 5
 
 # Counters. ``next()`` on an ``itertools.count`` is one C call, atomic under the
 # GIL: exact across threads without a lock, and cheaper than any Python-level
-# increment. ``_value`` reads one back.
+# increment. ``telemetry.counted`` reads one back.
 _KINDS = (telemetry.KIND_APP, telemetry.KIND_REQUEST)
 _OUTCOMES = (telemetry.OUTCOME_OK, telemetry.OUTCOME_WRONG, telemetry.OUTCOME_CROSS)
 _pushes: dict[str, Any] = {}
@@ -53,12 +53,6 @@ _pops: dict[tuple[str, str], Any] = {}
 def _reset_counters() -> None:
     _pushes.update({kind: itertools.count() for kind in _KINDS})
     _pops.update({key: itertools.count() for key in itertools.product(_KINDS, _OUTCOMES)})
-
-
-def _value(counter: Any) -> int:
-    """How many times ``next()`` was called on a fresh ``itertools.count()``."""
-    text = repr(counter)  # "count(N)"
-    return int(text[text.index("(") + 1 : -1])
 
 
 _reset_counters()
@@ -233,11 +227,6 @@ def live_workers() -> list[Worker]:
         if w is not None:
             alive.append(w)
     return alive
-
-
-def follows_threading() -> bool:
-    """Is worker identity still what ``threading`` says (gevent may have patched it since)?"""
-    return threading.get_ident is ident
 
 
 def rebind() -> None:
@@ -786,9 +775,9 @@ def observations() -> dict[str, list[tuple[dict[str, str], int]]]:
                 open_by_kind[record[_KIND]] += 1
     kind_key = telemetry.CONTEXT_KIND
     return {
-        telemetry.PUSHES: [({kind_key: kind}, _value(c)) for kind, c in _pushes.items()],
+        telemetry.PUSHES: [({kind_key: kind}, telemetry.counted(c)) for kind, c in _pushes.items()],
         telemetry.POPS: [
-            ({kind_key: kind, telemetry.POP_OUTCOME: outcome}, _value(c))
+            ({kind_key: kind, telemetry.POP_OUTCOME: outcome}, telemetry.counted(c))
             for (kind, outcome), c in _pops.items()
         ],
         telemetry.OPEN: [({kind_key: kind}, n) for kind, n in open_by_kind.items()],

@@ -144,14 +144,14 @@ class _Throttle:
             self._dropped.clear()
         self._last[key] = now
         dropped = self._dropped.pop(key, None)
-        return True, _count_value(dropped) if dropped is not None else 0
+        return True, counted(dropped) if dropped is not None else 0
 
     def reset(self) -> None:
         self._last.clear()
         self._dropped.clear()
 
 
-def _count_value(counter: Any) -> int:
+def counted(counter: Any) -> int:
     """How many times ``next()`` was called on a fresh ``itertools.count()``."""
     text = repr(counter)  # "count(N)"
     return int(text[text.index("(") + 1 : -1])

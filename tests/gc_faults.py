@@ -12,7 +12,6 @@ timeout) and the counters must be exact. Prints one JSON line with the counts.
 from __future__ import annotations
 
 import gc
-import io
 import json
 import logging
 import sys
@@ -115,6 +114,8 @@ def _lock_factory(make: Any) -> Any:
 threading.Lock = _lock_factory(threading.Lock)  # type: ignore[misc]
 threading.RLock = _lock_factory(threading.RLock)  # type: ignore[misc]
 
+from helpers import environ  # noqa: E402  (this script runs from tests/)
+
 import ctxguard  # noqa: E402
 from ctxguard import ledger, process, telemetry  # noqa: E402
 
@@ -136,19 +137,6 @@ def build() -> flask.Flask:
         return flask.Response(chunks())
 
     return app
-
-
-def environ(path: str) -> dict[str, Any]:
-    return {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": path,
-        "SERVER_NAME": "localhost",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(),
-        "wsgi.errors": io.StringIO(),
-    }
 
 
 def serve(app: flask.Flask, path: str) -> bytes:

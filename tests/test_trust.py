@@ -463,6 +463,19 @@ def test_no_request_data_in_logs(telemetry, caplog_ctxguard):
 # A body iterated on another thread than the one that ran the app.
 
 
+def add_leaking_stream(app: Flask, rule: str) -> None:
+    """A streamed view whose body pushes an app context and never pops it."""
+
+    def leaking() -> Any:
+        def chunks() -> Iterator[bytes]:
+            app.app_context().push()  # never popped
+            yield b"leaked"
+
+        return flask.Response(chunks())
+
+    app.add_url_rule(rule, rule, leaking)
+
+
 def test_a_body_read_on_another_thread_leaves_the_app_thread_free(telemetry):
     """A server that iterates bodies on other threads (a writer pool) reads request 1's
     body while the thread that ran the app serves request 2. Request 2 is not taken for
@@ -481,14 +494,7 @@ def test_a_body_read_on_another_thread_leaves_the_app_thread_free(telemetry):
 
         return flask.Response(chunks())
 
-    @app.route("/leak")
-    def leak() -> Any:
-        def chunks() -> Iterator[bytes]:
-            app.app_context().push()  # never popped
-            yield b"leaked"
-
-        return flask.Response(chunks())
-
+    add_leaking_stream(app, "/leak")
     ctxguard.CtxGuard(app, **telemetry.providers)
     body = app(environ("/slow"), start_response)
     read: list[bytes] = []
@@ -517,15 +523,7 @@ def test_a_leak_found_at_once_by_two_threads_is_counted_once(telemetry):
     """An abandoned body is finalised on one thread while the next request starts on the
     thread that served it: both find the same leaked context. It is counted once."""
     app = make_app()
-
-    @app.route("/stream")
-    def stream() -> Any:
-        def chunks() -> Iterator[bytes]:
-            app.app_context().push()  # never popped
-            yield b"x"
-
-        return flask.Response(chunks())
-
+    add_leaking_stream(app, "/stream")
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     rounds = 300
     interval = sys.getswitchinterval()
