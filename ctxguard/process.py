@@ -21,6 +21,19 @@ _lock = threading.RLock()
 _patches: list[tuple[Any, str, Any, Any, bool]] = []
 
 
+def _after_fork_in_child() -> None:
+    """A forked worker (gunicorn's, after ``--preload``) starts with a copy of the
+    master's state: events the master kept for later are the master's to emit,
+    and a lock another thread of the master held would never be released here."""
+    global _lock
+    _lock = threading.RLock()
+    telemetry.pending.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def installed() -> bool:
     return bool(_patches)
 

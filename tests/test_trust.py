@@ -783,3 +783,25 @@ def test_the_hint_for_g_in_a_thread_is_to_pass_the_values_in(telemetry):
     assert "pass the values" in hint and "`g`" in hint
     assert "propagate" not in hint
     assert os.path.basename(span.attributes["code.file.path"]) == "test_trust.py"
+
+
+# --------------------------------------------------------------------------
+# A forked worker.
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+def test_a_forked_worker_does_not_emit_the_masters_pending_events(telemetry):
+    """gunicorn forks its workers from a master that imported the app (``--preload``):
+    an event the master kept for later is emitted by the master, not once more by every
+    worker, so counts stay exact across the fleet."""
+    ctxguard.install(**telemetry.providers)
+    ctxguard.telemetry.count(LEAKS, {"ctxguard.context.kind": "app"}, later=True)
+    assert len(ctxguard.telemetry.pending) == 1
+    pid = os.fork()
+    if pid == 0:  # the worker: nothing left to emit
+        os._exit(0 if len(ctxguard.telemetry.pending) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(ctxguard.telemetry.pending) == 1  # the master still has it
+    ctxguard.telemetry.drain()
+    assert telemetry.value(LEAKS) == 1
