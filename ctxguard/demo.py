@@ -90,7 +90,7 @@ def save_operation_log(background: Background, operation: str, order_id: int) ->
     """Background work started by a view: it needs the user, so it asks the request."""
     try:
         background.saved.append((operation, order_id, current_user_id()))
-    except RuntimeError as exc:  # what the seed's user found in their logs
+    except RuntimeError as exc:  # what such an app finds in its logs
         background.failures.append(("Failed to save the operation log", exc.with_traceback(None)))
 
 

@@ -1,7 +1,7 @@
 """Everything ctxguard says to OpenTelemetry, and the only module that talks to it.
 
 The names below are a public interface (dashboards and alert rules depend on
-them, see DESIGN.md). Only rare events reach this module: the hot path keeps
+them, see docs/telemetry.md). Only rare events reach this module: the hot path keeps
 plain integers in the ledger and the observable instruments read them at
 collection time. Every function here swallows its own failures (a broken
 provider, processor or exporter must never reach the user's request) and logs
