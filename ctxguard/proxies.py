@@ -13,9 +13,8 @@ Not every failure reaches the user: Werkzeug answers ``bool(request)``,
 ``__wrapped__`` with a fallback. Those are not errors and are not reported.
 Nor is introspection: a tool looking a dunder attribute up through a proxy
 (pytest's collection asking every module-level name for ``__test__``,
-``inspect`` for ``__signature__`` or ``__wrapped__``, ``copy`` and ``pickle``
-for ``__reduce_ex__``, doctest, Sphinx, a debugger, an IDE) is not the user's
-code using it. To see the name looked up, ``LocalProxy.__getattr__`` (a
+``inspect`` for ``__signature__``, ``copy.deepcopy`` and ``pickle`` for their
+hooks, doctest, Sphinx, a debugger, an IDE) is not the user's code using it. To see the name looked up, ``LocalProxy.__getattr__`` (a
 Werkzeug descriptor that cannot see it) is replaced by a plain function
 doing the same lookup.
 """
