@@ -14,9 +14,9 @@ Not every failure reaches the user: Werkzeug answers ``bool(request)``,
 Nor is introspection: a tool looking a dunder attribute up through a proxy
 (pytest's collection asking every module-level name for ``__test__``,
 ``inspect`` for ``__signature__``, ``copy.deepcopy`` and ``pickle`` for their
-hooks, doctest, Sphinx, a debugger, an IDE) is not the user's code using it. To see the name looked up, ``LocalProxy.__getattr__`` (a
-Werkzeug descriptor that cannot see it) is replaced by a plain function
-doing the same lookup.
+hooks, doctest, Sphinx, a debugger, an IDE) is not the user's code using it.
+To see the name looked up, ``LocalProxy.__getattr__`` (a Werkzeug descriptor
+that cannot see it) is replaced by a plain function doing the same lookup.
 """
 
 from __future__ import annotations
