@@ -86,3 +86,127 @@ def peer(session: nox.Session) -> None:
     session.install("-e", ".[test,peer]")
     session.run("python", "-c", SHOW_VERSIONS)
     session.run("python", "tests/peer/run.py", *session.posargs)
+
+
+# Functions mutmut must leave alone (``mutants`` session): under mutmut every mutated function
+# runs two frames below its caller, and these read their caller's frame at a fixed depth or
+# compare their own code object. docs/mutation-testing.md says why, one by one.
+NOT_MUTATED = {
+    "ctxguard/proxies.py": ["_outside", "_proxy_getattr"],
+    "ctxguard/telemetry.py": ["count", "span", "log_event", "fault"],
+}
+
+
+def _mutmut_run(not_mutated: dict[str, list[str]], mutant_names: list[str]) -> None:
+    """``mutmut run``, adapted to ctxguard. Runs in the session's virtualenv, not under nox.
+
+    mutmut 3 calls each mutated function through a trampoline that picks the original or the
+    mutant under test: two more frames (``_trampoline_wrapper`` and ``trampoline``, in
+    mutmut's file) between the function and its caller, and one code object shared by every
+    wrapper. ctxguard reads frames (the user's line, "is ctxguard itself emitting?", the
+    test client on the stack), so without these adaptations the unmutated build would
+    already fail the suite:
+
+    1. The trampoline's frames are labelled as frames of the function they call (its file,
+       name and first line): ctxguard counts them as its own frames, as it does the real
+       function's (library code, left out of the tracebacks the differential tests
+       compare), and the wrappers of its emitting functions are told apart from the others.
+    2. The functions in ``not_mutated`` get no trampoline: they read their caller's frame at
+       a fixed depth or compare their own code object.
+    3. mutmut's run is called directly rather than through its click command: the tests
+       would inherit its click context, and ctxguard reports a click context as a ``cli``
+       worker.
+    """
+    import ast
+    import sys
+    from pathlib import Path
+    from typing import Any
+
+    import mutmut.__main__ as mutmut_main
+    import mutmut.mutation.file_mutation as file_mutation
+    import mutmut.mutation.trampoline as trampoline
+
+    get_ignored_lines = file_mutation.get_ignored_lines
+
+    def ignored_lines(filename: str, source: str, *args: Any, **kwargs: Any) -> Any:
+        ignored = get_ignored_lines(filename, source, *args, **kwargs)
+        names = set(not_mutated.get(Path(filename).as_posix(), ()))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in names:
+                # As if the function were marked ``# pragma: no mutate block``.
+                ignored.ignore_node_lines.update(range(node.lineno, (node.end_lineno or 0) + 1))
+        return ignored
+
+    file_mutation.get_ignored_lines = ignored_lines
+
+    wrap_in_trampoline = trampoline.wrap_in_trampoline
+
+    def wrap(mutants: Any, is_classmethod: bool = False) -> Any:
+        decorate = wrap_in_trampoline(mutants, is_classmethod)
+
+        def decorated(func: Any) -> Any:
+            wrapper = decorate(func)
+            code = func.__code__
+            own = {
+                "co_filename": code.co_filename,
+                "co_name": code.co_name,
+                "co_qualname": code.co_qualname,
+                "co_firstlineno": code.co_firstlineno,
+            }
+            for cell in wrapper.__closure__ or ():
+                inner = cell.cell_contents
+                if getattr(inner, "__name__", None) == "trampoline":
+                    inner.__code__ = inner.__code__.replace(**own)
+            wrapper.__code__ = wrapper.__code__.replace(**own)
+            return wrapper
+
+        return decorated
+
+    trampoline.wrap_in_trampoline = wrap
+    sys.argv[0] = "mutmut"
+    mutmut_main._run(mutant_names, None)
+
+
+@nox.session(python="3.11")
+def mutants(session: nox.Session) -> None:
+    """Mutation testing: mutmut changes ctxguard/ one mutant at a time; the suite must notice.
+
+    ``nox -s mutants`` starts afresh (``mutants/`` is removed: ctxguard/ or tests/ may have
+    changed) and prints the summary; it fails below a kill ratio of 90%. On the previous
+    run's results instead: ``-- resume`` tests only the mutants without a result (an
+    interrupted run, functions changed since), and mutant names or globs after ``--``
+    re-test those (``nox -s mutants -- "ctxguard.middleware.*"``). What is run, what is
+    left out and why, and the survivors: docs/mutation-testing.md.
+    """
+    import inspect
+    import json
+    import shutil
+    import time
+
+    started = time.monotonic()
+    session.install("-e", ".[test,mutants]")
+    session.run("python", "-c", SHOW_VERSIONS)
+    if not session.posargs:
+        shutil.rmtree("mutants", ignore_errors=True)
+    # _mutmut_run's source, called with NOT_MUTATED and the mutant names.
+    program = os.path.join(session.create_tmp(), "mutmut_run.py")
+    with open(program, "w", encoding="utf-8") as f:
+        f.write(inspect.getsource(_mutmut_run))
+        f.write("\n\nimport json, sys\n\n_mutmut_run(json.loads(sys.argv[1]), sys.argv[2:])\n")
+    names = [] if session.posargs == ["resume"] else session.posargs
+    session.run("python", program, json.dumps(NOT_MUTATED), *names)
+    session.run("mutmut", "results")
+    session.run("mutmut", "export-cicd-stats", silent=True)
+    with open("mutants/mutmut-cicd-stats.json", encoding="utf-8") as f:
+        stats = json.load(f)
+    total = stats["total"]
+    killed = stats["killed"]
+    ratio = killed / total if total else 0.0
+    session.log(
+        f"mutants: {total}; killed {killed}, survived {stats['survived']}, timeout"
+        f" {stats['timeout']}, suspicious {stats['suspicious']}, no tests {stats['no_tests']},"
+        f" segfault {stats['segfault']}; kill ratio {killed}/{total} = {ratio:.1%};"
+        f" {(time.monotonic() - started) / 60:.0f} min"
+    )
+    if ratio < 0.9:
+        session.error(f"kill ratio {ratio:.1%} is below 90%")
