@@ -195,13 +195,14 @@ def stack_state(frame: Any) -> int:
     ``INSIDE_SDK`` or ``INSIDE_CTXGUARD``."""
     state = SAFE
     limit = _STACK_LIMIT
-    emitters, sdk_files = _emitters, _sdk_files
+    emitters, sdk_files, own = _emitters, _sdk_files, _OWN_FILE
     while frame is not None and limit:
         code = frame.f_code
-        if code in emitters:
+        filename = code.co_filename
+        # By file first: hashing a code object (for the set) walks its bytecode.
+        if filename == own and code in emitters:
             return INSIDE_CTXGUARD
         if state == SAFE:
-            filename = code.co_filename
             inside = sdk_files.get(filename)
             if inside is None:
                 name = frame.f_globals.get("__name__")
@@ -590,6 +591,8 @@ def _span(
 #: A context with no span in it: the parent of a span that starts its own trace.
 _ROOT = trace.set_span_in_context(trace.INVALID_SPAN)
 
+#: This module's file: every emitting function below is in it.
+_OWN_FILE = count.__code__.co_filename
 #: ctxguard's emitting functions: a proxy touched while one of them is on the
 #: stack was touched by something ctxguard called (see ``stack_state``).
 _emitters = frozenset(
