@@ -39,7 +39,12 @@ def messages(caplog: pytest.LogCaptureFixture, start: str = "ctxguard: ") -> lis
 
 
 def where(marker: str, function: str) -> str:
-    """``file:line in function`` for the line of this file holding ``marker``."""
+    """``file:line in function`` for the line of this file holding ``marker``.
+
+    ``function`` is the qualified name; Python 3.10 code objects carry only the short name
+    (no ``co_qualname``), and that is what ctxguard can report there."""
+    if sys.version_info < (3, 11):
+        function = function.rsplit(".", 1)[-1]
     return f"{HERE}:{line_of(HERE, '# ' + marker)} in {function}"
 
 
