@@ -42,6 +42,21 @@ INFRASTRUCTURE_PACKAGES = (
     "meinheld",
     "celery",
 )
+#: Standard-library modules that run work for a server, a thread, a pool or an
+#: event loop: the search gives up there too, as at a server's frames. Frames
+#: of the rest of the standard library (``contextlib``, ``functools``,
+#: ``logging``, ``copy``, ...) were called by the code below them, and the
+#: search goes on through them to it.
+STDLIB_INFRASTRUCTURE = (
+    "threading",
+    "asyncio",
+    "concurrent.futures",
+    "multiprocessing",
+    "socketserver",
+    "http.server",
+    "wsgiref",
+    "sched",
+)
 
 USER = 0
 _LIBRARY = 1
@@ -176,7 +191,7 @@ def _classify(filename: str, module: object) -> int:
     elif path.startswith("<"):
         kind = _STDLIB if path.startswith("<frozen") else USER
     elif _is_stdlib(path):
-        kind = _STDLIB
+        kind = _INFRASTRUCTURE if _in(name, STDLIB_INFRASTRUCTURE) else _STDLIB
     elif (top and top in _app_packages) or _in_app_dir(path):
         kind = USER
     elif _INSTALLED[0] in path or _INSTALLED[1] in path:
@@ -207,18 +222,17 @@ def user_site(depth: int = 2, limit: int = 16) -> Site | None:
     return site_from(frame, limit)
 
 
-def site_from(
-    frame: FrameType | None, limit: int = 16, *, through_stdlib: bool = False
-) -> Site | None:
+def site_from(frame: FrameType | None, limit: int = 16) -> Site | None:
     """The first user frame from ``frame`` outwards.
 
-    The search stops at the server's frames, and at the standard library's
-    unless ``through_stdlib`` (a proxy touched from ``logging`` or ``copy``
-    was touched by the user's code that called them; a context pushed from
-    ``threading``'s bootstrap was not). When no user frame is found, the
-    first frame that is not ctxguard's, Flask's context machinery or
-    Werkzeug's proxies is returned instead (for example Flask's own
-    ``stream_with_context`` generator), so a site is never lost.
+    Library and standard-library frames are looked through (a context entered
+    with ``contextlib.ExitStack``, a proxy touched from ``logging`` or
+    ``copy``: the user's code called them). The search stops at a server's,
+    a task runner's or the standard library's thread, pool and event-loop
+    frames: what lies below them did not make this call. When no user frame
+    is found, the first frame that is not ctxguard's, Flask's context
+    machinery or Werkzeug's proxies is returned instead (for example Flask's
+    own ``stream_with_context`` generator), so a site is never lost.
     """
     fallback = None
     kinds = file_kinds
@@ -236,7 +250,7 @@ def site_from(
             and filename not in _machinery_files
         ):
             fallback = (code, frame.f_lasti)
-        if kind == _INFRASTRUCTURE or (kind == _STDLIB and not through_stdlib):
+        if kind == _INFRASTRUCTURE:
             break
         frame = frame.f_back
         limit -= 1

@@ -341,7 +341,7 @@ def report(
         counted[telemetry.HTTP_ROUTE] = origin.route
     telemetry.count(telemetry.ERRORS, counted, later=later)
 
-    site = frames.site_from(caller, 64, through_stdlib=True)
+    site = frames.site_from(caller, 64)
     key = site if site is not None else (proxy, worker_kind)
     found: list[tuple[frames.Location | None, str]] = []
 

@@ -295,6 +295,72 @@ def test_in_app_include_and_exclude_move_the_line(telemetry, installed, tmp_path
         sys.path.remove(str(mine))
 
 
+def test_a_context_entered_through_the_standard_library_is_reported_at_the_users_line(
+    telemetry,
+):
+    """``contextlib.ExitStack`` enters the context for the user's code: a leaked push is
+    reported at the user's ``enter_context`` line, not at ``contextlib.py``."""
+    import contextlib
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+
+    def work() -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(app.app_context())  # at: entered by ExitStack
+        stack.pop_all()  # the context is never exited
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    (span,) = telemetry.spans(LEAK_SPAN)
+    assert span.attributes["ctxguard.leak.site"] == "thread_exit"
+    assert (span.attributes["code.file.path"], span.attributes["code.line.number"]) == (
+        __file__,
+        here("entered by ExitStack"),
+    )
+
+
+def test_the_search_stops_at_a_threads_own_frames(telemetry):
+    """A context pushed by a thread whose target is Flask's own ``push`` was pushed by no
+    line of the user's: the site is the thread's ``run`` in ``threading``, never the line
+    further out that happens to be below it on the stack (here none is)."""
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    worker = threading.Thread(target=app.app_context().push)
+    worker.start()
+    worker.join()
+    (span,) = telemetry.spans(LEAK_SPAN)
+    assert span.attributes["code.file.path"] == threading.__file__
+    assert span.attributes["code.function.name"].endswith("run")
+
+
+def test_the_search_stops_at_an_event_loops_frames(telemetry, installed):
+    """A library coroutine run by ``asyncio.run`` touches ``current_app`` outside a
+    context: the error is placed at the library's line (no user frame above it), never
+    at the user's ``asyncio.run(...)`` call below the event loop."""
+    import asyncio
+
+    write_module(
+        installed,
+        "asyncext",
+        """
+        from flask import current_app
+
+        async def app_name():
+            return current_app.name  # the library's own line
+        """,
+    )
+    import asyncext  # type: ignore[import-not-found]
+
+    ctxguard.install(**telemetry.providers)
+    with pytest.raises(RuntimeError):
+        asyncio.run(asyncext.app_name())  # at: asyncio.run
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["code.line.number"] != here("asyncio.run")
+    assert span.attributes["code.file.path"] == asyncext.__file__
+
+
 def test_in_app_arguments_are_checked_where_written():
     """A bad ``in_app_include`` in code raises at once, naming the argument."""
     with pytest.raises(ctxguard.ConfigError, match="in_app_include"):
