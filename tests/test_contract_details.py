@@ -342,26 +342,19 @@ def test_the_import_time_hint_is_for_module_level_code_only(telemetry, tmp_path,
 def wrapped_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
     """``push``/``pop`` of both context classes replaced by another library's ``*args``
     wrappers before ctxguard is installed, as instrumentation libraries do."""
-    original_push, original_pop = AppContext.push, AppContext.pop
+    for cls in (AppContext, RequestContext):
+        for name in ("push", "pop"):
+            monkeypatch.setattr(cls, name, _passing_through(getattr(cls, name)))
 
-    def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return original_push(self, *args, **kwargs)
 
-    def pop(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return original_pop(self, *args, **kwargs)
+def _passing_through(original: Any) -> Any:
+    """Another library's wrapper: calls ``original`` with whatever it was given."""
 
-    monkeypatch.setattr(AppContext, "push", push)
-    monkeypatch.setattr(AppContext, "pop", pop)
-    original_request_push, original_request_pop = RequestContext.push, RequestContext.pop
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs)
 
-    def request_push(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return original_request_push(self, *args, **kwargs)
-
-    def request_pop(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return original_request_pop(self, *args, **kwargs)
-
-    monkeypatch.setattr(RequestContext, "push", request_push)
-    monkeypatch.setattr(RequestContext, "pop", request_pop)
+    wrapper.__name__ = original.__name__
+    return wrapper
 
 
 def test_pushes_and_pops_through_another_wrapper_are_counted(telemetry, wrapped_contexts):
