@@ -204,15 +204,6 @@ def _classify(filename: str, module: object) -> int:
     return kind
 
 
-def kind_of(frame: FrameType) -> int:
-    """``USER``, or one of the library kinds, for one frame."""
-    filename = frame.f_code.co_filename
-    kind = file_kinds.get(filename)
-    if kind is None:
-        kind = _classify(filename, frame.f_globals.get("__name__"))
-    return kind
-
-
 def user_site(depth: int = 2, limit: int = 16) -> Site | None:
     """The site of the caller ``depth`` frames up, skipping library frames."""
     try:

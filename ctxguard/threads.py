@@ -202,9 +202,8 @@ def _exit(state: _State | None, site: str) -> None:
 
 
 def _bound(original: Any, instance: Any) -> Any:
-    """``original`` bound to ``instance``, whatever wrapper it is by now."""
-    if type(original) is FunctionType:
-        return MethodType(original, instance)
+    """``original``, some other library's wrapper object rather than a plain function,
+    bound to ``instance`` as an attribute lookup on it would."""
     return original.__get__(instance, type(instance))
 
 

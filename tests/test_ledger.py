@@ -165,6 +165,70 @@ def test_pop_on_another_thread_is_cross_worker(telemetry):
     assert telemetry.value(OPEN, APP) == 0
 
 
+def test_a_pop_flask_accepts_on_another_thread_closes_the_push(telemetry, caplog_ctxguard):
+    """Two threads that run in one ``contextvars.Context`` (``Context.run``, as some task
+    runners do) share Flask's context variable: a push on the first and a pop on the
+    second is a real pop. It is counted ``cross_worker`` and logged with the popping line,
+    the context is no longer open, and the first thread's end reports no leak."""
+    import contextvars
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    shared = contextvars.copy_context()
+    ctx = app.app_context()
+    pushed, popped = threading.Event(), threading.Event()
+
+    def pusher() -> None:
+        shared.run(ctx.push)
+        pushed.set()
+        popped.wait(10)
+
+    def popper() -> None:
+        pushed.wait(10)
+        shared.run(ctx.pop)  # pop: shared context
+        popped.set()
+
+    threads = [threading.Thread(target=pusher), threading.Thread(target=popper)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert telemetry.value(POPS, pops("app", "cross_worker")) == 1
+    assert telemetry.value(OPEN, APP) == 0
+    assert telemetry.spans("ctxguard.context_leak") == []
+    assert telemetry.value("ctxguard.context.leaks", APP) == 0
+    line = line_of(__file__, "# pop: " + "shared context")
+    function = getattr(popper.__code__, "co_qualname", "popper")  # Python 3.10: the short name
+    assert [
+        r.getMessage() for r in caplog_ctxguard.records if "popped with outcome" in r.getMessage()
+    ] == [
+        f"ctxguard: app context popped with outcome cross_worker at {__file__}:{line} in {function}"
+    ]
+
+
+def test_a_context_pushed_before_install_pops_as_ok(telemetry):
+    """A context a thread pushed before ``install()`` and popped after: an ordinary pop
+    (``ok``), not a wrong one; it was never counted as open, so nothing goes negative.
+    (Contexts current on the thread that installs are adopted instead.)"""
+    app = make_app()
+    installed, pushed = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with app.app_context():
+            pushed.set()
+            installed.wait(10)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    pushed.wait(10)
+    ctxguard.install(**telemetry.providers)
+    installed.set()
+    thread.join()
+    assert telemetry.value(POPS, pops("app", "ok")) == 1
+    assert telemetry.value(POPS, pops("app", "cross_worker")) == 0
+    assert telemetry.value(OPEN, APP) == 0
+
+
 def test_ledger_keeps_nothing_alive_after_pop(telemetry):
     """Popped contexts and their requests are freed: the ledger holds no reference."""
     app = make_app()

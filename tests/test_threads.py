@@ -651,6 +651,50 @@ def test_timer_with_its_own_start_is_wrapped_and_restored(telemetry, monkeypatch
     assert vars(threading.Timer)["start"] is timer_start
 
 
+class _DescriptorStart:
+    """Another library's ``Thread.start`` that is not a plain function: an object that
+    binds itself like a method (as a class-based wrapper or a C-level descriptor does)."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.calls = 0
+        self.owners: list[Any] = []
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        self.owners.append(owner)
+
+        def start(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return self.original(instance, *args, **kwargs)
+
+        return start
+
+
+def test_a_start_that_is_not_a_function_is_wrapped_and_restored(telemetry, monkeypatch):
+    """When ``Thread.start`` is already some other library's descriptor object, ctxguard
+    calls it bound to the thread as Python would (once per start), the thread still
+    carries its origin, and uninstall puts that very object back."""
+    foreign = _DescriptorStart(vars(threading.Thread)["start"])
+    monkeypatch.setattr(threading.Thread, "start", foreign)
+    seen: dict[str, Any] = {}
+    app = spawning_app(in_thread, seen)
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert vars(threading.Thread)["start"] is not foreign
+
+    assert app.test_client().get("/items/4").status_code == 200
+    assert_outside_request_error(seen["error"])
+    assert foreign.calls == 1
+    assert foreign.owners == [threading.Thread]
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["http.route"] == ROUTE
+    assert span.attributes["ctxguard.worker.kind"] == "thread"
+
+    ctxguard.uninstall()
+    assert vars(threading.Thread)["start"] is foreign
+
+
 def test_submitted_function_keeps_its_identity(telemetry, monkeypatch):
     """A wrapper installed before ctxguard (as Sentry's or OpenTelemetry's are) receives
     ctxguard's task wrapper: it still carries the function's name, qualname, doc and module,
