@@ -13,8 +13,10 @@ kept alive past its request, no debugger).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+from . import telemetry as _telemetry
 from .extension import CtxGuard
 from .ledger import snapshot as _snapshot
 from .middleware import CtxGuardMiddleware
@@ -40,6 +42,9 @@ def snapshot() -> dict[str, Any]:
 
     Each context has its kind, push site (file, line, function), age in
     seconds and the request it was pushed in (method, route template,
-    endpoint), and whether it was reported as leaked.
+    endpoint), and whether it was reported as leaked. It is also a safe point:
+    events kept back while the OpenTelemetry SDK or ctxguard itself was busy on
+    some thread are emitted first, unless the caller is itself inside the SDK.
     """
+    _telemetry.drain_if_safe(sys._getframe(1))
     return _snapshot()

@@ -658,12 +658,13 @@ def open_contexts(
     """The worker's open contexts, oldest first; only ``request``'s if given.
 
     ``current`` is only meaningful on the worker's own thread, and only there
-    may ``prune`` forget the unreachable contexts already reported.
+    may ``prune`` forget the unreachable contexts already reported. Contexts
+    popped on another worker (with Flask's consent) are not open, pruned or not.
     """
     now = _monotonic()
     if prune:
         _prune(w.open)
-    views = [_view(record, now) for record in list(w.open)]
+    views = [_view(record, now) for record in list(w.open) if record[_CTX] is not None]
     # A context Flask pushed for a request (no site of its own) is reported with
     # the site of the next push the same request made on this worker.
     later: dict[int, Site] = {}

@@ -303,8 +303,15 @@ class CtxGuardMiddleware:
         since uninstalled are not judged: their pops went unseen.
         """
         info.ended = True
-        if not w.open and (here is None or here is w or not here.open):
-            return  # the usual case: nothing open anywhere
+        if not w.open:
+            if here is None:
+                if ledger.ident() == w.ident:
+                    return  # the usual case: nothing open, checked where the app ran
+                # Checked on another thread (it read or closed the body): its own
+                # ledger, if it has one, may hold what the body pushed there.
+                here = ledger.existing()
+            if here is None or here is w or not here.open:
+                return
         try:
             if here is None:
                 here = ledger.worker()

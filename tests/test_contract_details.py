@@ -1371,3 +1371,34 @@ def test_every_metric_has_its_documented_unit_scope_and_description(telemetry):
                 monotonic = getattr(metric.data, "is_monotonic", None)
                 found[metric.name] = (metric.unit, metric.description, monotonic)
     assert found == expected
+
+
+# --------------------------------------------------------------------------
+# snapshot() is a safe point (docs/telemetry.md, deferred events).
+
+
+def test_snapshot_emits_what_was_kept_back_while_the_sdk_was_busy(telemetry):
+    """An app's span processor that reads ``request`` when a span outside any request
+    ends: the error happens inside the SDK, so ctxguard keeps it back; ``snapshot()`` is
+    one of the safe points where it is emitted (counted and exported), before the next
+    request or thread end."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    seen: list[BaseException] = []
+
+    class Audit(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            try:
+                _ = request.path
+            except RuntimeError as exc:
+                seen.append(exc)
+
+    telemetry.tracer_provider.add_span_processor(Audit())
+    ctxguard.install(**telemetry.providers)
+    with telemetry.tracer_provider.get_tracer("jobs").start_as_current_span("nightly"):
+        pass
+    assert len(seen) == 1
+    assert telemetry.value(ERRORS) == 0  # kept back: the SDK was on the stack
+    ctxguard.snapshot()
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "request"}) == 1
+    assert [s.attributes["ctxguard.proxy"] for s in telemetry.spans(ERROR_SPAN)] == ["request"]

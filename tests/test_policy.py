@@ -185,3 +185,46 @@ def test_debugger_with_evalex_in_production_keeps_no_context(telemetry):
     status, _, _ = call(debugged, "/boom")
     assert status.startswith("500")
     assert telemetry.value(VIOLATIONS, violation("preserve_context_environ", "enforced")) == 1
+
+
+# --------------------------------------------------------------------------
+# Where the policy looks, and what it reports (found by mutation testing).
+
+
+def test_debugger_mounted_under_a_dispatcher_is_reported(telemetry):
+    """Werkzeug's debugger on an app mounted with ``DispatcherMiddleware`` (next to the
+    Flask app, under a path prefix) is in the chain too: reported in production."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    app = make_app()
+    admin = make_app()
+    app.wsgi_app = DispatcherMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, {"/admin": DebuggedApplication(admin, evalex=True)}
+    )
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert telemetry.value(VIOLATIONS, violation("debugger_middleware", "reported")) == 1
+
+
+def test_off_reports_nothing_about_the_development_server(telemetry):
+    """``off``: a production app served by Werkzeug's development server is not reported
+    either (the policy does nothing at all)."""
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", policy="off", **telemetry.providers)
+    for _ in range(2):
+        call(app, "/", SERVER_SOFTWARE="Werkzeug/3.1.0")
+    assert telemetry.value(VIOLATIONS) == 0
+
+
+def test_strict_never_fails_a_request_for_a_problem_found_late(telemetry, caplog_ctxguard):
+    """``strict`` refuses to start, but a problem found at the first request (config loaded
+    after ``init_app``) cannot stop a server already running: the request is served and the
+    problem is enforced and reported, as under ``enforce``."""
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", policy="strict", **telemetry.providers)
+    app.config["PRESERVE_CONTEXT_ON_EXCEPTION"] = True
+    status, _, data = call(app, "/")
+    assert (status, data) == ("200 OK", b"hello")
+    assert app.config["PRESERVE_CONTEXT_ON_EXCEPTION"] is False
+    assert telemetry.value(VIOLATIONS, violation("preserve_context_on_exception", "enforced")) == 1
+    assert telemetry.value(VIOLATIONS, violation("preserve_context_on_exception", "refused")) == 0
+    assert [r for r in caplog_ctxguard.records if "internal error" in r.message] == []
