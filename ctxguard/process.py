@@ -23,11 +23,10 @@ _patches: list[tuple[Any, str, Any, Any, bool]] = []
 
 def _after_fork_in_child() -> None:
     """A forked worker (gunicorn's, after ``--preload``) starts with a copy of the
-    master's state: events the master kept for later are the master's to emit,
-    and a lock another thread of the master held would never be released here."""
+    master's state: a lock another thread of the master held would never be
+    released here. (The telemetry module resets its own state the same way.)"""
     global _lock
     _lock = threading.RLock()
-    telemetry.pending.clear()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -114,21 +113,27 @@ def rebind() -> None:
 
 # Classes are patched in their ``__dict__``; Werkzeug's proxies are instances
 # whose attribute access is forwarded to the proxied object, so they are read
-# and written through ``object``'s own methods.
+# and written through ``object``'s own methods. Which of the two an owner is
+# is told from its type alone: ``isinstance`` would ask a proxy for its
+# ``__class__``, which looks its context up.
+
+
+def _is_class(owner: Any) -> bool:
+    return issubclass(type(owner), type)
 
 
 def _has_own(owner: Any, name: str) -> bool:
-    return name in vars(owner) if isinstance(owner, type) else True
+    return name in vars(owner) if _is_class(owner) else True
 
 
 def _own(owner: Any, name: str) -> Any:
-    if isinstance(owner, type):
+    if _is_class(owner):
         return vars(owner).get(name)
     return object.__getattribute__(owner, name)
 
 
 def _set(owner: Any, name: str, value: Any) -> None:
-    if isinstance(owner, type):
+    if _is_class(owner):
         setattr(owner, name, value)
     else:
         object.__setattr__(owner, name, value)
@@ -142,7 +147,9 @@ def _restore() -> None:
                 ("uninstall", name),
                 "ctxguard: %s.%s was replaced again after ctxguard patched it;"
                 " leaving the newer one in place",
-                getattr(owner, "__qualname__", owner),
+                # A class by its name; anything else (a Flask proxy, whose own
+                # attributes would look its context up) by its type's.
+                (owner if _is_class(owner) else type(owner)).__qualname__,
                 name,
             )
             continue

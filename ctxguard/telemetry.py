@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 import threading
 import time
@@ -330,6 +331,19 @@ class _State:
 
 _state = _State()
 _GLOBAL = object()
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker (gunicorn's, after ``--preload``) starts with a copy of the
+    master's state: a lock another thread of the master held while it made the
+    instruments would never be released here, and the events the master kept for
+    later are the master's to emit."""
+    _state.lock = threading.Lock()
+    _pending.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configure(

@@ -230,6 +230,7 @@ def _make_start(original: Any) -> Callable[..., Any]:
 
 
 _STATE_KEY = "_ctxguard_run"
+_NOTHING = object()
 
 
 def _prepare(thread: Any) -> bool:
@@ -252,7 +253,10 @@ def _prepare(thread: Any) -> bool:
     # A plain bound method is called through its function with the thread, as
     # Sentry's wrapper calls what it wraps; anything else is called as it is.
     func = inner.__func__ if type(inner) is MethodType and inner.__self__ is thread else None
-    attributes[_STATE_KEY] = (inner, func, kind, origin, app)
+    # What the thread's own ``run`` attribute was (set by the user or another
+    # library), to put back exactly when ``run`` ends.
+    own = attributes.get("run", _NOTHING)
+    attributes[_STATE_KEY] = (inner, func, kind, origin, app, own)
     attributes["run"] = MethodType(run, thread)
     return True
 
@@ -262,10 +266,11 @@ def _unprepare(thread: Any) -> None:
     state = attributes.pop(_STATE_KEY, None)
     mine = attributes.get("run")
     if type(mine) is MethodType and mine.__func__ is run:
-        if state is not None and state[1] is None and type(state[0]) is not MethodType:
-            attributes["run"] = state[0]  # someone else's instance wrapper was there
-        else:
+        own = state[5] if state is not None else _NOTHING
+        if own is _NOTHING:
             del attributes["run"]
+        else:
+            attributes["run"] = own
 
 
 def run(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -273,7 +278,7 @@ def run(self: Any, *args: Any, **kwargs: Any) -> Any:
     state = vars(self).get(_STATE_KEY)
     if state is None:  # prepared and undone: nothing to add
         return type(self).run(self, *args, **kwargs)
-    inner, func, kind, origin, app = state
+    inner, func, kind, origin, app, _ = state
     if not _active:
         _unprepare(self)
         return func(self, *args, **kwargs) if func is not None else inner(*args, **kwargs)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from typing import Any
 
 import flask
@@ -340,3 +343,282 @@ def test_unhookable_flask_is_logged_and_left_alone(monkeypatch, telemetry, caplo
     assert call(app, "/")[2] == b"hello"
     logged = [r.getMessage() for r in caplog_ctxguard.records]
     assert any("internal error in install" in m and "RuntimeError" in m for m in logged), logged
+
+
+# --------------------------------------------------------------------------
+# A worker process forked from the master (gunicorn after ``--preload``).
+
+
+class HeldOnce(logging.Handler):
+    """A log handler whose first record waits for ``gate``: the thread logging it is held
+    there, inside ``install()``, which logs its start-up line before it returns."""
+
+    def __init__(self, inside: threading.Event, gate: threading.Event) -> None:
+        super().__init__(logging.INFO)
+        self.inside, self.gate = inside, gate
+        self.held = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.held:
+            self.held = True
+            self.inside.set()
+            self.gate.wait(10)
+
+
+def forked_worker_uses_ctxguard(app: flask.Flask) -> bool:
+    """What a forked worker does: install, push a context, see it in a snapshot, uninstall."""
+    if not ctxguard.install():
+        return False
+    with app.app_context():  # push-site: forked worker
+        mine = [
+            c
+            for w in ctxguard.snapshot()["workers"]
+            for c in w["contexts"]
+            if c["file"] == __file__
+        ]
+    ctxguard.uninstall()
+    return [c["line"] for c in mine] == [line_of(__file__, "# push-site: " + "forked worker")]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_worker_forked_while_the_master_installs_can_use_ctxguard(telemetry, caplog):
+    """A worker process forked while another thread of the master is inside ``install()``
+    (a server forking its workers after loading the app): the worker is not stuck on the
+    master's half-finished call, so ``install()``, ``snapshot()`` and ``uninstall()`` work
+    there. The worker's exit status says so (it is killed after 10 s if stuck)."""
+    caplog.set_level(logging.INFO, logger="ctxguard")
+    app = make_app()
+    inside, gate = threading.Event(), threading.Event()
+    handler = HeldOnce(inside, gate)
+    logging.getLogger("ctxguard").addHandler(handler)
+    installed: list[bool] = []
+    master = threading.Thread(
+        target=lambda: installed.append(ctxguard.install(**telemetry.providers))
+    )
+    try:
+        master.start()
+        assert inside.wait(10)  # the master thread is inside install() now
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+            pid = os.fork()
+        if pid == 0:  # the worker: never returns into pytest
+            code = 1
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(10)
+                code = 0 if forked_worker_uses_ctxguard(app) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        gate.set()
+        master.join(10)
+        logging.getLogger("ctxguard").removeHandler(handler)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert installed == [True]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_worker_forked_while_the_master_makes_its_instruments_can_use_ctxguard(telemetry):
+    """The same while the master's thread is inside the meter provider, making ctxguard's
+    instruments: the worker does not wait for ever on what the master held at the fork."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    app = make_app()
+    inside, gate = threading.Event(), threading.Event()
+    master_pid = os.getpid()
+
+    class SlowMeterProvider(MeterProvider):
+        def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+            if os.getpid() == master_pid:  # held in the master only
+                inside.set()
+                gate.wait(10)
+            return super().get_meter(*args, **kwargs)
+
+    master = threading.Thread(target=lambda: ctxguard.install(meter_provider=SlowMeterProvider()))
+    try:
+        master.start()
+        assert inside.wait(10)  # the master thread is making the instruments now
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+            pid = os.fork()
+        if pid == 0:  # the worker: never returns into pytest
+            code = 1
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(10)
+                code = 0 if forked_worker_uses_ctxguard(app) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        gate.set()
+        master.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# --------------------------------------------------------------------------
+# Something replaced a hook again after ctxguard patched it.
+
+
+def test_uninstall_leaves_newer_replacements_in_place_and_says_so(
+    monkeypatch, telemetry, caplog_ctxguard
+):
+    """Tools that replaced ``Thread.start`` and ``ThreadPoolExecutor.submit`` after ctxguard
+    patched them keep their replacements when ctxguard is uninstalled (putting the originals
+    back would remove them); one line names each attribute, and every other hook is still
+    put back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    originals = patched_objects()
+    monkeypatch.setattr(threading.Thread, "start", vars(threading.Thread)["start"])
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", vars(ThreadPoolExecutor)["submit"])
+    ctxguard.install(**telemetry.providers)
+    our_start = vars(threading.Thread)["start"]
+    our_submit = vars(ThreadPoolExecutor)["submit"]
+
+    def newer_start(self: Any) -> None:
+        our_start(self)
+
+    def newer_submit(self: Any, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return our_submit(self, fn, *args, **kwargs)
+
+    threading.Thread.start = newer_start  # type: ignore[method-assign]
+    ThreadPoolExecutor.submit = newer_submit  # type: ignore[method-assign]
+    ctxguard.uninstall()
+
+    assert vars(threading.Thread)["start"] is newer_start
+    assert vars(ThreadPoolExecutor)["submit"] is newer_submit
+    assert all_same(patched_objects(), originals)
+    assert [r.getMessage() for r in caplog_ctxguard.records] == [
+        f"ctxguard: {cls}.{name} was replaced again after ctxguard patched it;"
+        " leaving the newer one in place"
+        for cls, name in (("ThreadPoolExecutor", "submit"), ("Thread", "start"))
+    ]
+
+
+def test_uninstall_leaves_a_proxys_newer_lookup_in_place_and_says_so(telemetry, caplog_ctxguard):
+    """Another tool replaced ``request``'s lookup after ctxguard: ``uninstall()`` leaves it
+    (one line naming it, without asking the proxy anything, which would look up a request
+    that is not there) and puts every other hook back."""
+    werkzeugs = object.__getattribute__(flask.request, "_get_current_object")
+    originals = patched_objects()
+    ctxguard.install(**telemetry.providers)
+    ours = object.__getattribute__(flask.request, "_get_current_object")
+    theirs = lambda: ours()  # noqa: E731
+    object.__setattr__(flask.request, "_get_current_object", theirs)
+    try:
+        ctxguard.uninstall()
+        assert object.__getattribute__(flask.request, "_get_current_object") is theirs
+        assert all_same(patched_objects(), originals)
+        assert [
+            r.getMessage() for r in caplog_ctxguard.records if "replaced again" in r.getMessage()
+        ] == [
+            "ctxguard: LocalProxy._get_current_object was replaced again after ctxguard"
+            " patched it; leaving the newer one in place"
+        ]
+    finally:
+        object.__setattr__(flask.request, "_get_current_object", werkzeugs)
+
+
+# --------------------------------------------------------------------------
+# The line install() logs.
+
+
+def test_install_logs_its_process_and_in_app_settings_once(monkeypatch, telemetry, caplog):
+    """``install()`` (a worker or a script, no guard) logs one INFO line with the process id
+    and the in-app module settings in effect and where each came from; installing again
+    logs nothing more."""
+    caplog.set_level(logging.INFO, logger="ctxguard")
+    monkeypatch.delenv("CTXGUARD_IN_APP_INCLUDE", raising=False)
+    monkeypatch.setenv("CTXGUARD_IN_APP_EXCLUDE", "vendored, legacy.tasks")
+    assert ctxguard.install(in_app_include=["myapp", "mylib.tasks"], **telemetry.providers)
+    assert ctxguard.install(**telemetry.providers)
+    ctxguard.uninstall()
+    monkeypatch.delenv("CTXGUARD_IN_APP_EXCLUDE")
+    assert ctxguard.install(in_app_exclude=["vendored"], **telemetry.providers)
+    ctxguard.uninstall()
+    assert ctxguard.install(**telemetry.providers)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctxguard"]
+    pid = os.getpid()
+    assert lines == [
+        f"ctxguard: process hooks installed (pid {pid}); in_app_include=myapp,mylib.tasks"
+        " (argument), in_app_exclude=vendored,legacy.tasks (CTXGUARD_IN_APP_EXCLUDE)",
+        f"ctxguard: process hooks installed (pid {pid}); in_app_include=none (default),"
+        " in_app_exclude=vendored (argument)",
+        f"ctxguard: process hooks installed (pid {pid}); in_app_include=none (default),"
+        " in_app_exclude=none (default)",
+    ]
+
+
+def test_install_says_false_when_flask_cannot_be_hooked(monkeypatch, telemetry):
+    """``install()`` answers whether the hooks are in: when Flask's internals cannot be
+    hooked it returns False, every attribute is left as it was, and a later ``install()``
+    (Flask fixed) puts the hooks in."""
+    from ctxguard import ledger
+
+    originals = patched_objects()
+    working_hooks = ledger.hooks
+
+    def broken_hooks():
+        yield flask.ctx.AppContext, "push", lambda self: None
+        raise RuntimeError("Flask changed")
+
+    monkeypatch.setattr(ledger, "hooks", broken_hooks)
+    assert ctxguard.install(**telemetry.providers) is False
+    assert all_same(patched_objects(), originals)
+
+    monkeypatch.setattr(ledger, "hooks", working_hooks)
+    assert ctxguard.install(**telemetry.providers) is True
+    assert none_same(patched_objects(), originals)
+
+
+def test_uninstall_puts_back_opentelemetrys_threading_wrappers(telemetry):
+    """With OpenTelemetry's threading instrumentation in place before ctxguard (its wrappers
+    are wrapt objects, which bind themselves even when read from the class), threads and
+    tasks still run through both, uninstall puts back those very wrapper objects, and the
+    instrumentation can still remove itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
+    start, submit = vars(threading.Thread)["start"], vars(ThreadPoolExecutor)["submit"]
+    instrumentor = ThreadingInstrumentor()
+    instrumentor.instrument()
+    try:
+        wrappers = (vars(threading.Thread)["start"], vars(ThreadPoolExecutor)["submit"])
+        assert wrappers[0] is not start and wrappers[1] is not submit
+        ctxguard.install(**telemetry.providers)
+        ran: list[str] = []
+        thread = threading.Thread(target=ran.append, args=("thread",))
+        thread.start()
+        thread.join()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(ran.append, "task").result(10)
+        assert ran == ["thread", "task"]
+        ctxguard.uninstall()
+        assert vars(threading.Thread)["start"] is wrappers[0]
+        assert vars(ThreadPoolExecutor)["submit"] is wrappers[1]
+    finally:
+        instrumentor.uninstrument()
+    assert vars(threading.Thread)["start"] is start
+    assert vars(ThreadPoolExecutor)["submit"] is submit
+
+
+def test_a_guarded_app_that_is_not_flask_needs_no_flask_attributes(telemetry):
+    """``CtxGuardMiddleware(wsgi_app, app=...)`` with an application object that is not
+    Flask (no import name, no root path) starts, and its responses pass through."""
+
+    class PlainApp:
+        debug = False
+        testing = False
+
+        def __call__(self, environ: Any, start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"plain"]
+
+    plain = PlainApp()
+    guarded = ctxguard.CtxGuardMiddleware(plain, app=plain, **telemetry.providers)
+    assert call(guarded, "/") == ("200 OK", [("Content-Type", "text/plain")], b"plain")

@@ -327,3 +327,91 @@ def test_bad_argument_fails_before_the_app_is_touched(telemetry):
         ctxguard.CtxGuard(app, policy="enforced", **telemetry.providers)
     assert "wsgi_app" not in vars(app)
     assert "ctxguard" not in app.extensions
+
+
+# --------------------------------------------------------------------------
+# The warnings for bad variables, word for word.
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, variable: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"ctxguard: {variable}=")
+    ]
+
+
+def test_bad_heal_variable_says_healing_follows_the_environment(
+    monkeypatch, telemetry, caplog_ctxguard
+):
+    """A bad ``CTXGUARD_HEAL`` is logged with the values allowed and what happens instead:
+    healing follows the environment (on in production)."""
+    monkeypatch.setenv("CTXGUARD_HEAL", "maybe")
+    app = stale_app()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert heals(app)
+    assert warnings_about(caplog_ctxguard, "CTXGUARD_HEAL") == [
+        "ctxguard: CTXGUARD_HEAL='maybe' is not valid (expected one of 1, true, yes, on, 0,"
+        " false, no, off); using the default (follow the environment)"
+    ]
+
+
+def test_unknown_variable_line_lists_the_known_variables(monkeypatch, telemetry, caplog_ctxguard):
+    """The warning for a ``CTXGUARD_*`` variable that is not a setting names it, its value
+    and every variable that is one."""
+    monkeypatch.setenv("CTXGUARD_ENABLED", "0")
+    ctxguard.CtxGuard(make_app(), **telemetry.providers)
+    assert warnings_about(caplog_ctxguard, "CTXGUARD_ENABLED") == [
+        "ctxguard: CTXGUARD_ENABLED='0' is not valid (expected a known variable:"
+        " CTXGUARD_ENVIRONMENT, CTXGUARD_POLICY, CTXGUARD_HEAL, CTXGUARD_DISABLED,"
+        " CTXGUARD_PROPAGATE, CTXGUARD_IN_APP_INCLUDE, CTXGUARD_IN_APP_EXCLUDE); using the"
+        " default (none)"
+    ]
+
+
+def test_in_app_variable_skips_empty_and_bad_parts_and_keeps_the_rest(
+    monkeypatch, telemetry, caplog
+):
+    """``CTXGUARD_IN_APP_INCLUDE`` with an empty part and a part that is not a module name:
+    the empty part is ignored, the bad one is named in a warning and skipped, and every
+    module name around them is used."""
+    caplog.set_level("INFO", logger="ctxguard")
+    monkeypatch.setenv("CTXGUARD_IN_APP_INCLUDE", "shop,, shop-tasks ,billing.jobs")
+    ctxguard.CtxGuard(make_app(), **telemetry.providers)
+    assert warnings_about(caplog, "CTXGUARD_IN_APP_INCLUDE") == [
+        "ctxguard: CTXGUARD_IN_APP_INCLUDE='shop-tasks' is not valid (expected comma-separated"
+        " module names); using the default (skipped)"
+    ]
+    (line,) = [r.getMessage() for r in caplog.records if "guarding" in r.getMessage()]
+    assert "in_app_include=shop,billing.jobs (CTXGUARD_IN_APP_INCLUDE)" in line
+
+
+# --------------------------------------------------------------------------
+# Testing: what the test set-up pushed is not an ambient context.
+
+
+def test_a_testing_app_reports_no_ambient_context(telemetry):
+    """With ``app.testing``, an app context the test set-up pushed outside any request and
+    left current is not reported as ambient, even for a request that does not come through
+    the test client (a live server in the test run)."""
+    app = make_app(TESTING=True)
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    ctx = app.app_context()
+    ctx.push()
+    try:
+        assert call(app, "/")[2] == b"hello"
+    finally:
+        ctx.pop()
+    assert telemetry.value("ctxguard.context.leaks") == 0
+    assert telemetry.spans() == []
+
+
+def test_switched_off_middleware_logs_nothing(monkeypatch, telemetry, caplog):
+    """``CTXGUARD_DISABLED=1``: a ``CtxGuardMiddleware`` built then says nothing, not even
+    its start-up line, and passes requests through."""
+    caplog.set_level("INFO", logger="ctxguard")
+    monkeypatch.setenv("CTXGUARD_DISABLED", "1")
+    app = make_app()
+    middleware = ctxguard.CtxGuardMiddleware(app.wsgi_app, app=app, **telemetry.providers)
+    assert call(middleware, "/")[2] == b"hello"
+    assert [r.getMessage() for r in caplog.records if r.name == "ctxguard"] == []

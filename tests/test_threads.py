@@ -15,11 +15,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import FunctionType
 from typing import Any
 
 import pytest
 from flask import (
     Flask,
+    appcontext_pushed,
     copy_current_request_context,
     current_app,
     g,
@@ -952,3 +954,409 @@ def test_gevent_greenlets_are_workers(import_first):
     assert report["own_app"] == {"first": "first", "second": "second"}
     assert report["errors"] == 2
     assert report["leaks"] == 0
+
+
+# --------------------------------------------------------------------------
+# 8. Worker kinds at the edges (docs/telemetry.md, Worker kinds).
+
+
+def test_an_event_loop_callback_is_not_an_asyncio_task(telemetry):
+    """``task`` means an asyncio task: a plain callback that an event loop on the main thread
+    runs (``loop.call_soon``), outside any task, and that reads ``current_app`` is reported
+    as the main thread; the same read in a coroutine on that loop is a task."""
+    ctxguard.install(**telemetry.providers)
+    seen: list[Any] = []
+
+    def read_app() -> None:
+        try:
+            seen.append(current_app.name)
+        except RuntimeError as error:
+            seen.append(error)
+
+    async def in_a_task() -> None:
+        read_app()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.call_soon(read_app)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        (span,) = telemetry.spans(ERROR_SPAN)
+        assert span.attributes["ctxguard.worker.kind"] == "main"
+        loop.run_until_complete(in_a_task())
+    finally:
+        loop.close()
+
+    assert [type(error) for error in seen] == [RuntimeError, RuntimeError]
+    assert telemetry.value(ERRORS, {"ctxguard.worker.kind": "main"}) == 1
+    assert telemetry.value(ERRORS, {"ctxguard.worker.kind": "task"}) == 1
+
+
+# --------------------------------------------------------------------------
+# 9. A second start() of a thread that has started.
+
+
+def test_a_failed_second_start_leaves_the_started_thread_watched(telemetry):
+    """Calling ``start()`` again on a thread that has started but not yet begun its work (a
+    programming error) raises Python's own error, and the thread that is running is left as
+    it was: its error still names the request that started it."""
+    seen: dict[str, Any] = {}
+    gate = threading.Event()
+    errors: list[BaseException] = []
+    started: list[threading.Thread] = []
+    app = Flask("twice")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        with held_before_run(gate):
+            thread = threading.Thread(target=touch_request, args=(seen,), name="started twice")
+            thread.start()
+        started.append(thread)
+        try:
+            thread.start()
+        except RuntimeError as error:
+            errors.append(error)
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    try:
+        assert app.test_client().get("/items/6").status_code == 200
+    finally:
+        gate.set()
+    started[0].join(10)
+
+    assert [str(e) for e in errors] == ["threads can only be started once"]
+    assert_outside_request_error(seen["error"])
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["thread.name"] == "started twice"
+    assert span.attributes["ctxguard.worker.kind"] == "thread"
+    assert span.attributes["http.route"] == ROUTE
+    assert span.attributes["ctxguard.origin.endpoint"] == "show_item"
+
+
+def test_starting_a_finished_thread_again_logs_nothing(telemetry, caplog_ctxguard):
+    """Starting a thread that has finished fails with Python's own error, and ctxguard has
+    nothing to say about it: no line is logged."""
+    ctxguard.install(**telemetry.providers)
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    thread.join()
+
+    with pytest.raises(RuntimeError, match=r"^threads can only be started once$"):
+        thread.start()
+    assert caplog_ctxguard.records == []
+
+
+# --------------------------------------------------------------------------
+# 10. A start wrapper that replaces the thread's ``run`` (Sentry's threading integration).
+
+
+def run_replacing_start(original: Any, ran: list[str]) -> Any:
+    """A ``Thread.start`` installed before ctxguard that, as Sentry's threading integration
+    does, sets the thread's ``run`` to a plain function calling what ``run`` was."""
+
+    def start(self: threading.Thread, *args: Any, **kwargs: Any) -> Any:
+        old_run = getattr(self.run, "__func__", self.run)
+
+        def run(*a: Any, **kw: Any) -> Any:
+            ran.append(self.name)
+            return old_run(self, *a, **kw)
+
+        self.run = run  # type: ignore[method-assign]
+        return original(self, *args, **kwargs)
+
+    return start
+
+
+def test_a_start_that_replaces_run_keeps_working_under_ctxguard(telemetry, monkeypatch):
+    """With a library's ``start`` that replaces the thread's ``run`` by its own function
+    (Sentry's threading integration), a thread started in a view runs through both: its error
+    names the request, it ends without an exception of ctxguard's, and the library's ``run``
+    is left on the thread as it would be without ctxguard."""
+    ran: list[str] = []
+    monkeypatch.setattr(
+        threading.Thread, "start", run_replacing_start(vars(threading.Thread)["start"], ran)
+    )
+    seen: dict[str, Any] = {}
+    started: list[threading.Thread] = []
+    app = Flask("replaced")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        thread = threading.Thread(target=touch_request, args=(seen,), name="replaced run")
+        started.append(thread)
+        thread.start()
+        thread.join()
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    with thread_exceptions() as calls:
+        assert app.test_client().get("/items/8").status_code == 200
+
+    assert calls == []
+    assert ran == ["replaced run"]
+    assert_outside_request_error(seen["error"])
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["http.route"] == ROUTE
+    assert span.attributes["thread.name"] == "replaced run"
+    library_run = vars(started[0])["run"]
+    assert type(library_run) is FunctionType and library_run.__name__ == "run"
+    assert library_run.__qualname__.startswith("run_replacing_start.")
+
+
+def test_a_thread_run_again_after_it_ended_runs_its_own_run(telemetry, monkeypatch):
+    """A thread whose ``run`` a library replaced at start, called again directly after it
+    ended (as code re-running its work in place does): its own ``run`` runs again in the
+    caller, as it would without ctxguard."""
+    ran: list[str] = []
+    monkeypatch.setattr(
+        threading.Thread, "start", run_replacing_start(vars(threading.Thread)["start"], ran)
+    )
+    ctxguard.install(**telemetry.providers)
+    runs: list[str] = []
+
+    class Refresher(threading.Thread):
+        def run(self) -> None:
+            runs.append(f"{self.name} in {threading.current_thread().name}")
+
+    thread = Refresher(name="refresher")
+    thread.start()
+    thread.join()
+    thread.run()
+
+    assert ran == ["refresher", "refresher"]
+    assert runs == ["refresher in refresher", f"refresher in {threading.current_thread().name}"]
+
+
+# --------------------------------------------------------------------------
+# 11. A ``run`` set on the thread itself, and a ``submit`` that is not a function.
+
+
+class Job:
+    """An object whose bound method is handed to a thread as its ``run``."""
+
+    def __init__(self, seen: dict[str, Any]) -> None:
+        self.seen = seen
+
+    def work(self) -> None:
+        self.seen["job"] = self
+        touch_request(self.seen)
+
+
+@pytest.mark.parametrize("kind", ["function", "method"])
+def test_a_run_set_on_the_thread_runs_and_names_the_request(telemetry, kind):
+    """A thread whose ``run`` the user set on the thread itself (a function, or another
+    object's method) and that is started in a view runs exactly that ``run`` (the method
+    with its own object), and its error names the request that started it."""
+    seen: dict[str, Any] = {}
+    job = Job(seen)
+    app = Flask("ownrun")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        thread = threading.Thread(name="own run")
+        if kind == "function":
+            thread.run = lambda: job.work()  # type: ignore[method-assign]
+        else:
+            thread.run = job.work  # type: ignore[method-assign]
+        thread.start()
+        thread.join()
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    with thread_exceptions() as calls:
+        assert app.test_client().get("/items/9").status_code == 200
+
+    assert calls == []
+    assert seen["job"] is job
+    assert_outside_request_error(seen["error"])
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["thread.name"] == "own run"
+    assert span.attributes["ctxguard.worker.kind"] == "thread"
+    assert span.attributes["http.route"] == ROUTE
+
+
+def labelled_touch(seen: dict[str, Any], *, label: str) -> None:
+    seen["label"] = label
+    touch_request(seen)
+
+
+def test_a_submit_that_is_not_a_function_is_wrapped_and_restored(telemetry, monkeypatch):
+    """When ``ThreadPoolExecutor.submit`` is already some other library's descriptor object,
+    ctxguard calls it bound to the pool as Python would (once per submit, with the task's
+    arguments), the task still carries its origin, and uninstall puts that very object
+    back."""
+    foreign = _DescriptorStart(vars(ThreadPoolExecutor)["submit"])
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", foreign)
+    seen: dict[str, Any] = {}
+    app = Flask("foreignsubmit")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool") as pool:
+            pool.submit(labelled_touch, seen, label="nightly").result(10)
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    assert vars(ThreadPoolExecutor)["submit"] is not foreign
+
+    assert app.test_client().get("/items/3").status_code == 200
+    assert seen["label"] == "nightly"
+    assert_outside_request_error(seen["error"])
+    assert foreign.calls == 1
+    assert foreign.owners == [ThreadPoolExecutor]
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["ctxguard.worker.kind"] == "executor"
+    assert span.attributes["http.route"] == ROUTE
+
+    ctxguard.uninstall()
+    assert vars(ThreadPoolExecutor)["submit"] is foreign
+
+
+class _Job:
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def work(self) -> None:
+        self.ran.append(threading.current_thread().name)
+
+
+@pytest.mark.parametrize("kind", ["function", "other-objects-method", "threads-own-method"])
+def test_a_run_set_on_the_thread_is_left_on_it(telemetry, kind):
+    """Whatever the user set as a thread's ``run`` (a function, a method of another object,
+    a method bound to the thread itself) runs once, and is still the thread's ``run`` after
+    the thread ended, as without ctxguard."""
+    import types
+
+    ctxguard.install(**telemetry.providers)
+    thread = threading.Thread(name="own run")
+    job = _Job()
+    if kind == "function":
+        own_run: Any = lambda: job.work()  # noqa: E731
+    elif kind == "other-objects-method":
+        own_run = job.work
+    else:
+        own_run = types.MethodType(lambda self: job.work(), thread)
+    thread.run = own_run  # type: ignore[method-assign]
+    thread.start()
+    thread.join()
+
+    assert job.ran == ["own run"]
+    assert vars(thread)["run"] is own_run
+
+
+# --------------------------------------------------------------------------
+# 12. propagate="app" when the app's own push fails.
+
+
+class ReceiverFailed(Exception):
+    """Raised by the app's ``appcontext_pushed`` receiver in spawned threads."""
+
+
+def test_a_failing_propagated_push_is_logged_and_the_work_still_runs(telemetry, caplog_ctxguard):
+    """With ``propagate="app"``, an ``appcontext_pushed`` receiver of the app that raises
+    when ctxguard pushes the thread's app context: ctxguard keeps the error to itself (one
+    line naming where and the exception's type) and the thread's work runs."""
+    app = Flask("failingpush")
+    done: list[str] = []
+
+    def receiver(sender: Any, **extra: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ReceiverFailed("receiver failed")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        thread = threading.Thread(target=lambda: done.append("work"), name="failing push")
+        thread.start()
+        thread.join()
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+    appcontext_pushed.connect(receiver, app)
+    try:
+        with thread_exceptions() as calls:
+            assert app.test_client().get("/items/1").status_code == 200
+    finally:
+        appcontext_pushed.disconnect(receiver, app)
+
+    assert calls == []
+    assert done == ["work"]
+    (line,) = [
+        r.getMessage() for r in caplog_ctxguard.records if "internal error" in r.getMessage()
+    ]
+    assert line.startswith("ctxguard: internal error in propagated app context (ignored,")
+    assert "ReceiverFailed" in line
+
+
+class TeardownFailed(Exception):
+    """Raised by the app's teardown in spawned threads."""
+
+
+def test_failing_propagated_teardowns_are_logged_once_per_site(telemetry, caplog_ctxguard):
+    """With ``propagate="app"`` and a teardown that raises in spawned work: the line saying
+    so is limited per site, so two threads give one line, and an executor task (another
+    site) in the same minute gives its own."""
+    app = Flask("failingteardown")
+
+    @app.teardown_appcontext
+    def fail(exc: BaseException | None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise TeardownFailed("teardown failed")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        for _ in range(2):
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            thread.join()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(lambda: None).result(10)
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+    assert app.test_client().get("/items/1").status_code == 200
+
+    lines = [r.getMessage() for r in caplog_ctxguard.records if "propagated" in r.getMessage()]
+    assert (
+        lines
+        == [
+            "ctxguard: a teardown function raised TeardownFailed while popping the propagated"
+            " app context"
+        ]
+        * 2
+    )
+
+
+# --------------------------------------------------------------------------
+# 13. A future's done callback, on the pool's thread after the task.
+
+
+def test_a_done_callback_on_the_pool_thread_is_executor_work(telemetry):
+    """A future's done callback runs on the pool's thread once the task has ended: a read of
+    ``current_app`` there is reported as work of the executor's thread (no origin), as
+    ``executor`` and not as some other thread."""
+    ctxguard.install(**telemetry.providers)
+    seen: list[Any] = []
+
+    def read_app(future: Any) -> None:
+        seen.append(threading.current_thread().name)
+        try:
+            seen.append(current_app.name)
+        except RuntimeError as error:
+            seen.append(error)
+
+    gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="callbacks") as pool:
+        future = pool.submit(gate.wait, 10)
+        future.add_done_callback(read_app)  # added while the task waits: runs on its thread
+        gate.set()
+        assert future.result(10) is True
+
+    thread_name, error = seen
+    assert thread_name.startswith("callbacks")
+    assert type(error) is RuntimeError
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["ctxguard.worker.kind"] == "executor"
+    assert span.attributes["thread.name"] == thread_name
+    assert "http.route" not in span.attributes
+    assert telemetry.value(ERRORS, {"ctxguard.worker.kind": "executor"}) == 1
