@@ -157,7 +157,10 @@ def _enter(kind: str, origin: Origin | None, app: Any) -> _State | None:
             ctx.push()
         except Exception as exc:
             telemetry.fault("propagated app context", exc)
-            ctx = None
+            if ledger.current(telemetry.KIND_APP) is not ctx:
+                ctx = None
+            # else: pushed, then an ``appcontext_pushed`` receiver raised. It is
+            # current: popped at the end like any other, so its teardown runs.
     return ident, previous, ctx, origin
 
 

@@ -1256,9 +1256,16 @@ class ReceiverFailed(Exception):
 def test_a_failing_propagated_push_is_logged_and_the_work_still_runs(telemetry, caplog_ctxguard):
     """With ``propagate="app"``, an ``appcontext_pushed`` receiver of the app that raises
     when ctxguard pushes the thread's app context: ctxguard keeps the error to itself (one
-    line naming where and the exception's type) and the thread's work runs."""
+    line naming where and the exception's type) and the thread's work runs. The context
+    Flask pushed before the receiver raised is popped when the work ends: its teardown runs
+    there, and it is not reported as a leak of the thread."""
     app = Flask("failingpush")
     done: list[str] = []
+    torn_down: list[str] = []
+
+    @app.teardown_appcontext
+    def teardown(exc: BaseException | None) -> None:
+        torn_down.append(threading.current_thread().name)
 
     def receiver(sender: Any, **extra: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -1286,6 +1293,8 @@ def test_a_failing_propagated_push_is_logged_and_the_work_still_runs(telemetry, 
     ]
     assert line.startswith("ctxguard: internal error in propagated app context (ignored,")
     assert "ReceiverFailed" in line
+    assert "failing push" in torn_down
+    assert telemetry.value(LEAKS) == 0
 
 
 class TeardownFailed(Exception):
