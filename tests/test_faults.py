@@ -609,3 +609,105 @@ def test_flask_app_with_missing_environ_keys_answers_as_without(telemetry, missi
     assert serve(app, env) == expected
     assert set(env) == set(bare_env)
     assert all(env[k] is before[k] for k in before)
+
+
+# --------------------------------------------------------------------------
+# What a fault's log line says (docs/configuration.md: "by exception type and
+# where it was raised, never the message"; at most once a minute per place).
+
+
+class CarriesRequestData(Exception):
+    """A provider's failure whose message holds data from the request."""
+
+
+class CounterThatLeaksData:
+    """A counter whose ``add`` fails with the request's data in its message."""
+
+    def __init__(self) -> None:
+        self.raised: list[BaseException] = []
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        error = CarriesRequestData("token=s3cr3t-from-the-request")
+        self.raised.append(error)
+        raise error  # raise-site: counter
+
+
+class MeterProviderLeakingData(NoOpMeterProvider):
+    def __init__(self) -> None:
+        self.counter = CounterThatLeaksData()
+
+    def get_meter(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        counter = self.counter
+
+        class Meter(NoOpMeter):
+            def create_counter(self, *args: Any, **kwargs: Any) -> Any:
+                return counter
+
+        return Meter(name)
+
+
+def test_a_fault_is_logged_by_type_and_traceback_never_by_message(telemetry, caplog_ctxguard):
+    """ctxguard's own failure is logged as one line naming the place, how many more were
+    dropped, the exception's type and the traceback from ctxguard's frame down to where it
+    was raised, and never the exception's message (it can carry the request's data)."""
+    meters = MeterProviderLeakingData()
+    ctxguard.install(tracer_provider=telemetry.tracer_provider, meter_provider=meters)
+    with pytest.raises(RuntimeError):
+        _ = flask.request.method
+
+    (error,) = meters.counter.raised
+    (record,) = [r for r in caplog_ctxguard.records if "internal error" in r.getMessage()]
+    text = record.getMessage()
+    head, stack = text.split("\n", 1)
+    assert head == (
+        "ctxguard: internal error in counter ctxguard.context.errors (ignored, the application"
+        " is not affected; 0 more since the last report): CarriesRequestData"
+    )
+    assert stack == "".join(traceback.format_tb(error.__traceback__)).rstrip()
+    frames = [line for line in stack.splitlines() if line.startswith('  File "')]
+    assert len(frames) >= 2
+    assert stack.startswith('  File "')
+    assert "ctxguard" in frames[0]
+    assert frames[-1] == (
+        f'  File "{__file__}", line {line_of(__file__, "# raise-site: " + "counter")}, in add'
+    )
+    assert all(line.startswith(("  File ", "    ")) for line in stack.splitlines())
+    assert "s3cr3t" not in text
+    assert record.levelno == logging.WARNING
+
+
+def test_faults_in_two_places_are_each_logged(telemetry, caplog_ctxguard):
+    """The once-a-minute limit is per place: a broken meter and a broken tracer failing on
+    the same event are both logged, each once however often the event happens."""
+    ctxguard.install(
+        tracer_provider=tracer_with(RaisingProcessor("start")),
+        meter_provider=MeterProviderRaisingOnAdd(),
+    )
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            _ = flask.request.method
+
+    places = sorted(r.getMessage().split(" (ignored", 1)[0] for r in fault_records(caplog_ctxguard))
+    assert places == [
+        "ctxguard: internal error in counter ctxguard.context.errors",
+        "ctxguard: internal error in span ctxguard.context_error",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fault_name", "place"),
+    [
+        ("get-meter-raises", "metrics"),
+        ("create-instrument-raises", "metrics"),
+        ("span-processor-on-start-raises", "span ctxguard.context_leak"),
+        ("counter-add-raises", "counter ctxguard.context.leaks"),
+    ],
+)
+def test_a_fault_names_the_place_that_failed(telemetry, caplog_ctxguard, fault_name, place):
+    """The fault's log line says which part of ctxguard failed: making the instruments
+    (``metrics``), a span (``span <name>``) or a counter (``counter <name>``)."""
+    app = build_app()
+    ctxguard.CtxGuard(app, **FAULTS[fault_name]().providers(telemetry))
+    scenario_leak(app)
+    (record,) = fault_records(caplog_ctxguard)
+    assert record.getMessage().startswith(f"ctxguard: internal error in {place} (ignored, ")

@@ -3,10 +3,12 @@ error left exactly as Flask raises it."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import code
 import copy
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -850,3 +852,697 @@ def test_a_proxy_not_built_by_werkzeug_is_guarded_by_the_plain_wrapper(
     assert str(info.value) == "something else went wrong"
     assert telemetry.value(ERRORS) == 1
     assert len(telemetry.spans(ERROR_SPAN)) == 1
+
+
+# --------------------------------------------------------------------------
+# 10. Edges: no Python code below the lookup, deep or installed libraries, what counts as
+# introspection, proxies and lookups not built as Werkzeug builds them, reports deferred
+# out of the OpenTelemetry SDK, options and providers given later.
+
+
+def test_a_proxy_read_with_no_python_code_below_it_is_reported_at_an_unknown_place(
+    telemetry, clock, caplog_ctxguard, monkeypatch
+):
+    """A thread that C code starts straight on ``getattr`` or ``len`` (as a C extension's
+    callback thread does) uses a proxy with no line of Python below it: the user still gets
+    Flask's error, and the error is counted, traced and logged "at an unknown place", rate
+    limited per proxy: two such uses of ``request`` within a second make one span and one log
+    line, ``g`` its own."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def unraisable(info: Any) -> None:  # where a C-started thread's uncaught error goes
+        errors.append(info.exc_value)
+        done.set()
+
+    monkeypatch.setattr(sys, "unraisablehook", unraisable)
+    ctxguard.install(**telemetry.providers)
+    for function, args in (
+        (getattr, (request, "user")),
+        (len, (request,)),
+        (getattr, (flask.g, "user")),
+    ):
+        done.clear()
+        _thread.start_new_thread(function, args)
+        assert done.wait(60), "the thread did not finish"
+
+    assert [str(error) for error in errors] == [NO_REQUEST, NO_REQUEST, NO_APP]
+    spans = telemetry.spans(ERROR_SPAN)
+    assert [s.attributes["ctxguard.proxy"] for s in spans] == ["request", "g"]
+    for span in spans:
+        assert span.attributes["ctxguard.worker.kind"] == "thread"
+        assert "code.line.number" not in span.attributes
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "request"}) == 2
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "g"}) == 1
+    logged = [r.getMessage() for r in caplog_ctxguard.records if "used outside" in r.getMessage()]
+    assert logged == [
+        "ctxguard: request used outside a request context at an unknown place (thread worker)."
+        " No request is being handled here: pass the values from `request` in as arguments"
+        " from the view that has them, or use `app.test_request_context()` in tests.",
+        "ctxguard: g used outside an application context at an unknown place (thread worker). "
+        + NO_APP_CONTEXT_HINT,
+    ]
+
+
+def installed_library(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``deepserializer``, a module of an installed distribution (in a ``site-packages``
+    directory): ``dump(value, depth)`` recurses ``depth`` times, then reads
+    ``value.method``."""
+    installed = tmp_path / "site-packages"
+    installed.mkdir()
+    (installed / "deepserializer.py").write_text(
+        "def dump(value, depth):\n"
+        "    if depth:\n"
+        "        return dump(value, depth - 1)\n"
+        "    return value.method\n"
+    )
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.setitem(sys.modules, "deepserializer", None)  # forgotten again at the end
+    monkeypatch.delitem(sys.modules, "deepserializer")
+    return importlib.import_module("deepserializer")
+
+
+def test_a_proxy_touched_deep_inside_a_library_names_the_users_line(
+    telemetry, tmp_path, monkeypatch
+):
+    """A library that reaches the proxy many calls deep (a recursive serializer walking nested
+    data, 30 frames of an installed distribution) still has the span name the user's line
+    that called it, not a frame of the library."""
+    deepserializer = installed_library(tmp_path, monkeypatch)
+    ctxguard.install(**telemetry.providers)
+
+    with pytest.raises(RuntimeError) as info:
+        deepserializer.dump(request, 30)  # touch: deep library
+    assert str(info.value) == NO_REQUEST
+    attrs = one_error(telemetry)
+    assert attrs["code.file.path"] == __file__
+    assert attrs["code.line.number"] == marker_line("deep library")
+
+
+def test_a_proxy_used_by_a_library_a_thread_runs_is_reported_at_the_librarys_line(
+    telemetry, tmp_path, monkeypatch, caplog_ctxguard
+):
+    """A thread whose target is a library's function (no line of the user's code on its
+    stack) that uses a proxy is reported at the library's line that used it, the first
+    frame that is not Flask's, Werkzeug's or ctxguard's, not "at an unknown place"."""
+    deepserializer = installed_library(tmp_path, monkeypatch)
+    errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    ctxguard.install(**telemetry.providers)
+
+    worker = threading.Thread(target=deepserializer.dump, args=(request, 3), name="exporter")
+    worker.start()
+    worker.join()
+
+    assert [str(error) for error in errors] == [NO_REQUEST]
+    attrs = one_error(telemetry)
+    assert attrs["code.file.path"] == deepserializer.__file__
+    assert attrs["code.line.number"] == 4
+    assert attrs["code.function.name"] == "dump"
+    (line,) = [r.getMessage() for r in caplog_ctxguard.records if "used outside" in r.getMessage()]
+    assert f"at {deepserializer.__file__}:4 in dump (thread worker)" in line
+
+
+def test_only_dunder_shaped_names_are_introspection(telemetry, caplog_ctxguard):
+    """Introspection (a ``__name__``-shaped lookup) is silent: no count, no span, no log
+    line. A name that only starts or ends with two underscores, or is made of underscores
+    only, is the user's code using the proxy, and is reported."""
+    ctxguard.install(**telemetry.providers)
+    for name in ("__test__", "__custom_hook__"):
+        with pytest.raises(RuntimeError):
+            getattr(flask.g, name)
+    assert telemetry.value(ERRORS) == 0
+    assert telemetry.spans() == []
+    assert [r.getMessage() for r in caplog_ctxguard.records if r.name == "ctxguard"] == []
+
+    for name in ("__private", "private__", "____"):
+        with pytest.raises(RuntimeError):
+            getattr(flask.g, name)  # touch: not dunder
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "g"}) == 3
+    assert one_error(telemetry)["code.line.number"] == marker_line("not dunder")
+
+
+def test_a_lookup_made_in_any_module_of_pytest_is_not_an_error(telemetry):
+    """Any lookup made by pytest's own code is a tool's, in whichever of its modules:
+    reading marks off an object (``_pytest.mark.structures``) through a proxy is not the
+    user's code using it."""
+    from _pytest.mark.structures import get_unpacked_marks
+
+    ctxguard.install(**telemetry.providers)
+    with pytest.raises(RuntimeError):
+        get_unpacked_marks(request)
+    assert telemetry.value(ERRORS) == 0
+    assert telemetry.spans() == []
+
+
+def test_flask_32_request_outside_any_context_is_reported_as_before(telemetry, flask32):
+    """With Flask 3.2's shape, ``request`` outside any context is reported as with earlier
+    Flask: context kind ``request``, its hint, and Flask's error in the span's exception
+    event."""
+    _, p = flask32
+    ctxguard.install(**telemetry.providers)
+    with pytest.raises(RuntimeError) as info:
+        _ = p["request"].method  # touch: merged shape, no context
+    assert str(info.value) == NO_REQUEST
+
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["ctxguard.context.kind"] == "request"
+    assert span.attributes["code.line.number"] == marker_line("merged shape, no context")
+    assert span.attributes["ctxguard.hint"].startswith("No request is being handled here")
+    (event,) = span.events
+    assert event.attributes["exception.type"] == "RuntimeError"
+    assert event.attributes["exception.message"] == NO_REQUEST
+    assert telemetry.points(ERRORS) == [
+        (
+            {
+                "ctxguard.proxy": "request",
+                "ctxguard.context.kind": "request",
+                "ctxguard.worker.kind": "main",
+            },
+            1,
+        )
+    ]
+
+
+def test_a_streamed_body_error_links_to_the_span_active_at_the_requests_first_traced_push(
+    telemetry,
+):
+    """A request's code that pushes a context before its span starts and again inside it:
+    an error in its streamed body (after its context was popped) links to that span, the
+    request's trace, not to nothing."""
+    app = make_app()
+    tracer = telemetry.tracer_provider.get_tracer("reports")
+    traced: list[Any] = []
+
+    @app.route("/report")
+    def report() -> Any:
+        with app.app_context():  # before the span: no trace to link to yet
+            pass
+        with tracer.start_as_current_span("GET /report") as span:
+            traced.append(span.get_span_context())
+            with app.app_context():
+                pass
+
+        def body() -> Any:
+            try:
+                yield request.args.get("page", "")  # touch: streamed, traced
+            except RuntimeError:
+                yield "no request"
+
+        return app.response_class(body())
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    status, _, data = call(app, "/report")
+    assert (status, data) == ("200 OK", b"no request")
+
+    (span,) = telemetry.spans(ERROR_SPAN)
+    assert span.attributes["ctxguard.worker.kind"] == "request"
+    assert span.attributes["code.line.number"] == marker_line("streamed, traced")
+    (link,) = span.links
+    assert (link.context.trace_id, link.context.span_id) == (
+        traced[0].trace_id,
+        traced[0].span_id,
+    )
+
+
+def test_a_localproxy_getattr_not_werkzeugs_is_left_alone_and_said_so(
+    telemetry, monkeypatch, caplog_ctxguard
+):
+    """When another library has replaced ``LocalProxy.__getattr__``, ctxguard leaves that
+    replacement in place, says once on its logger that introspection may then be reported,
+    and still reports the user's errors."""
+    calls: list[str] = []
+
+    def other_librarys_getattr(self: Any, name: str) -> Any:
+        calls.append(name)
+        return getattr(self._get_current_object(), name)
+
+    monkeypatch.setattr(LocalProxy, "__getattr__", other_librarys_getattr)
+    ctxguard.install(**telemetry.providers)
+    assert vars(LocalProxy)["__getattr__"] is other_librarys_getattr
+
+    shape = [r.getMessage() for r in caplog_ctxguard.records if "LocalProxy" in r.getMessage()]
+    assert shape == [
+        "ctxguard: werkzeug.local.LocalProxy.__getattr__ is not Werkzeug 2.3-3.1's;"
+        " introspection through a proxy (pytest's collection, inspect) may be reported as a"
+        " context error"
+    ]
+    with pytest.raises(RuntimeError) as info:
+        _ = request.method
+    assert str(info.value) == NO_REQUEST
+    assert calls == ["method"]
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "request"}) == 1
+    ctxguard.uninstall()
+    assert vars(LocalProxy)["__getattr__"] is other_librarys_getattr
+
+
+def test_a_localproxy_getattr_with_a_fallback_is_left_alone(
+    telemetry, monkeypatch, caplog_ctxguard
+):
+    """A ``LocalProxy.__getattr__`` that answers outside a context with a fallback (a
+    library's lenient proxies) is not Werkzeug's either: ctxguard leaves it in place and says
+    so, and a read answered by the fallback is not an error."""
+    from werkzeug.local import _ProxyLookup
+
+    lenient = _ProxyLookup(getattr, fallback=lambda self, name: None)
+    monkeypatch.setattr(LocalProxy, "__getattr__", lenient)
+    ctxguard.install(**telemetry.providers)
+    assert vars(LocalProxy)["__getattr__"] is lenient
+
+    shape = [r.getMessage() for r in caplog_ctxguard.records if "LocalProxy" in r.getMessage()]
+    assert len(shape) == 1
+    assert request.method is None
+    assert telemetry.value(ERRORS) == 0
+    assert telemetry.spans() == []
+
+
+def test_a_werkzeug_without_its_proxy_lookup_class_still_gets_guarded_proxies(
+    telemetry, monkeypatch, caplog_ctxguard
+):
+    """On a Werkzeug that no longer has ``_ProxyLookup`` (a future version), installing still
+    works: ``LocalProxy.__getattr__`` is left alone with a log line saying so, and the user's
+    errors are still reported."""
+    import werkzeug.local
+
+    getattr_before = vars(LocalProxy)["__getattr__"]
+    monkeypatch.delattr(werkzeug.local, "_ProxyLookup")
+    ctxguard.install(**telemetry.providers)
+    assert vars(LocalProxy)["__getattr__"] is getattr_before
+
+    shape = [r.getMessage() for r in caplog_ctxguard.records if "LocalProxy" in r.getMessage()]
+    assert len(shape) == 1
+    assert not [r for r in caplog_ctxguard.records if "internal error" in r.getMessage()]
+    with pytest.raises(RuntimeError) as info:
+        _ = current_app.config
+    assert str(info.value) == NO_APP
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "current_app"}) == 1
+
+
+def test_a_request_proxy_not_built_by_werkzeug_reports_only_flasks_request_error(
+    telemetry, monkeypatch, caplog_ctxguard
+):
+    """A ``request`` proxy whose lookup is not Werkzeug's is guarded by the plain wrapper,
+    which one log line says, with Flask's own request message: Flask's "outside of request
+    context" error is reported as ``request``, another RuntimeError from the same lookup (the
+    app's own bug) is not."""
+    message = [NO_REQUEST]
+
+    def lookup() -> Any:
+        raise RuntimeError(message[0])
+
+    custom_request = LocalProxy(lookup)
+    monkeypatch.setattr(flask.globals, "request", custom_request)
+    with caplog_ctxguard.at_level(logging.WARNING, logger="ctxguard"):
+        ctxguard.install(**telemetry.providers)
+    assert [r.getMessage() for r in caplog_ctxguard.records] == [
+        "ctxguard: flask.request is not built as Werkzeug 2.3-3.1 builds its proxies;"
+        " guarding it with a plain wrapper (correct, a little slower)"
+    ]
+
+    with pytest.raises(RuntimeError, match="Working outside of request context"):
+        _ = custom_request.method
+    message[0] = NO_APP  # the right words for another proxy, not for this one
+    with pytest.raises(RuntimeError, match="Working outside of application context"):
+        _ = custom_request.method
+    assert telemetry.points(ERRORS) == [
+        (
+            {
+                "ctxguard.proxy": "request",
+                "ctxguard.context.kind": "request",
+                "ctxguard.worker.kind": "main",
+            },
+            1,
+        )
+    ]
+
+
+def test_a_proxy_with_its_own_unbound_message_raises_that_message(telemetry, monkeypatch):
+    """A proxy made with its own ``unbound_message`` (``LocalProxy(var, unbound_message=...)``
+    put in place of one of Flask's) raises that very message outside its context, as it does
+    without ctxguard, and the error is reported."""
+    tenant: ContextVar[Any] = ContextVar("tenant")
+    custom_g = LocalProxy(tenant, "g", unbound_message="No tenant is selected.")
+    monkeypatch.setattr(flask.globals, "g", custom_g)
+    ctxguard.install(**telemetry.providers)
+
+    with pytest.raises(RuntimeError) as info:
+        _ = custom_g.user
+    assert str(info.value) == "No tenant is selected."
+    assert info.value.__cause__ is None
+    assert telemetry.value(ERRORS, {"ctxguard.proxy": "g"}) == 1
+
+
+def test_the_guarded_lookup_looks_like_werkzeugs_to_tools(telemetry):
+    """Tools that look at a proxy's lookup function (a debugger's variables view,
+    ``inspect.unwrap``) see Werkzeug's: the same qualified name, and unwrapping it gives
+    Werkzeug's own function."""
+    originals = {
+        name: object.__getattribute__(proxy(name), "_get_current_object") for name in NAMES
+    }
+    ctxguard.install(**telemetry.providers)
+    for name in NAMES:
+        guarded = object.__getattribute__(proxy(name), "_get_current_object")
+        assert guarded is not originals[name]
+        assert guarded.__qualname__ == originals[name].__qualname__
+        assert inspect.unwrap(guarded) is originals[name]
+
+
+def test_a_link_aware_sampler_is_given_only_real_links(telemetry):
+    """A sampler that decides by a span's links (as link-aware samplers do) is given only
+    real links: none for an error that no request started, the request's span for an error
+    in a thread a traced view started."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
+
+    class LinkAwareSampler(Sampler):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, list[Any]]] = []
+
+        def should_sample(
+            self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any
+        ) -> Any:
+            links = kwargs.get("links", args[2] if len(args) > 2 else None)
+            self.seen.append((name, [link.context for link in links or ()]))
+            return ALWAYS_ON.should_sample(parent_context, trace_id, name, *args, **kwargs)
+
+        def get_description(self) -> str:
+            return "link-aware"
+
+    sampler = LinkAwareSampler()
+    provider = TracerProvider(sampler=sampler)
+    tracer = provider.get_tracer("reports")
+    app = make_app()
+    traced: list[Any] = []
+
+    @app.route("/export")
+    def export() -> str:
+        with tracer.start_as_current_span("GET /export") as span:
+            traced.append(span.get_span_context())
+            thread_error(lambda: request.args)
+        return "ok"
+
+    ctxguard.CtxGuard(app, tracer_provider=provider, meter_provider=telemetry.meter_provider)
+    with pytest.raises(RuntimeError):
+        _ = request.method
+    call(app, "/export")
+
+    errors = [links for name, links in sampler.seen if name == ERROR_SPAN]
+    assert errors == [[], [traced[0]]]
+
+
+def test_code_laid_out_over_several_lines_is_reported_where_pythons_traceback_says(telemetry):
+    """A failing call or attribute chain spread over several lines (as code formatters lay
+    them out) is reported at the line Python's own traceback shows for the user's frame, not
+    at a neighbouring line nor the function's first line."""
+    import traceback
+
+    ctxguard.install(**telemetry.providers)
+    expected = []
+    with pytest.raises(RuntimeError) as info:
+        copy.copy(  # touch: multi-line call
+            request
+        )
+    expected.append(info)
+    with pytest.raises(RuntimeError) as info:
+        # fmt: off
+        _ = (
+            request
+            .method  # touch: chained attribute
+        )
+        # fmt: on
+    expected.append(info)
+
+    lines = []
+    for info in expected:
+        tb = traceback.extract_tb(info.value.__traceback__)
+        (own,) = [f for f in tb if f.filename == __file__]
+        lines.append(own.lineno)
+    assert lines == [marker_line("multi-line call"), marker_line("chained attribute")]
+    reported = [s.attributes["code.line.number"] for s in telemetry.spans(ERROR_SPAN)]
+    assert reported == lines
+
+
+def test_a_library_using_a_proxy_when_imported_names_the_users_import_line(
+    telemetry, tmp_path, monkeypatch
+):
+    """An installed extension whose module body reads ``current_app`` is reported at the
+    user's line that imported it, looking through the import machinery's own frames."""
+    installed = tmp_path / "site-packages"
+    installed.mkdir()
+    (installed / "configext.py").write_text(
+        "from flask import current_app\n\n"
+        "try:\n"
+        "    DEBUG = current_app.config['DEBUG']\n"
+        "except RuntimeError as exc:\n"
+        "    error = exc\n"
+    )
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.setitem(sys.modules, "configext", None)  # forgotten again at the end
+    monkeypatch.delitem(sys.modules, "configext")
+    ctxguard.install(**telemetry.providers)
+
+    import configext  # type: ignore[import-not-found]  # touch: import an extension
+
+    assert str(configext.error) == NO_APP
+    attrs = one_error(telemetry)
+    assert attrs["code.file.path"] == __file__
+    assert attrs["code.line.number"] == marker_line("import an extension")
+
+
+def test_flask_and_werkzeug_frames_are_never_the_users_line(telemetry):
+    """Flask's and Werkzeug's own frames are never the user's line, even when
+    ``in_app_include`` names them (or they are installed from a checkout, outside
+    ``site-packages``): ``url_for`` outside a context names the user's line."""
+    ctxguard.install(in_app_include=["flask", "werkzeug"], **telemetry.providers)
+    with pytest.raises(RuntimeError) as info:
+        flask.url_for("index")  # touch: url_for
+    assert str(info.value) == NO_APP
+    attrs = one_error(telemetry)
+    assert attrs["code.file.path"] == __file__
+    assert attrs["code.line.number"] == marker_line("url_for")
+
+
+def test_an_app_factory_run_by_gunicorn_is_reported_at_the_factorys_line(
+    telemetry, tmp_path, monkeypatch
+):
+    """``gunicorn 'shopfactory:create_app()'`` with the app's package installed into
+    ``site-packages`` (a container image), whose factory reads ``current_app`` before any
+    app context: gunicorn's frames end the search for the user's line, so the error is
+    reported at the factory's own line, never at a line below the server."""
+    import_app = pytest.importorskip("gunicorn.util").import_app  # POSIX only
+    installed = tmp_path / "site-packages"
+    (installed / "shopfactory").mkdir(parents=True)
+    factory = installed / "shopfactory" / "__init__.py"
+    factory.write_text(
+        "from flask import Flask, current_app\n\n\n"
+        "def create_app():\n"
+        "    app = Flask(__name__)\n"
+        "    try:\n"
+        "        app.config['BASE'] = current_app.config['BASE']\n"
+        "    except RuntimeError as exc:\n"
+        "        app.config['ERROR'] = exc\n"
+        "    return app\n"
+    )
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.setitem(sys.modules, "shopfactory", None)  # forgotten again at the end
+    monkeypatch.delitem(sys.modules, "shopfactory")
+    ctxguard.install(**telemetry.providers)
+
+    app = import_app("shopfactory:create_app()")
+
+    assert str(app.config["ERROR"]) == NO_APP
+    attrs = one_error(telemetry)
+    assert attrs["code.file.path"] == str(factory)
+    assert attrs["code.line.number"] == 7
+    assert attrs["code.function.name"] == "create_app"
+
+
+def test_a_context_entered_by_a_thread_target_is_never_placed_in_flasks_context_code(telemetry):
+    """A thread started straight on a context's ``__enter__`` (no line of the user's code
+    on its stack) leaks it: the leak is placed at the first frame outside Flask's context
+    machinery (the thread's own ``run``), never inside ``flask/ctx.py``."""
+    import flask.ctx
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    worker = threading.Thread(target=app.app_context().__enter__)
+    worker.start()
+    worker.join()
+
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["ctxguard.leak.site"] == "thread_exit"
+    assert span.attributes["code.file.path"] != flask.ctx.__file__
+    assert span.attributes["code.file.path"] == threading.__file__
+    assert span.attributes["code.function.name"].endswith("run")
+
+
+def write_installed(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """Package ``name`` in a ``site-packages`` directory on ``sys.path``: ``token()`` reads
+    ``request.headers`` on line 5 of its ``__init__.py``."""
+    package = tmp_path / "site-packages" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from flask import request\n\n\ndef token():\n    return request.headers.get('X-Token')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    monkeypatch.setitem(sys.modules, name, None)  # forgotten again at the end
+    monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module(name)
+
+
+def error_lines(telemetry: Any, clock: Clock, call_token: Any) -> tuple[str, int]:
+    """Where one more error from ``call_token()`` is reported (file, line); the clock is
+    moved on first, so that a span from the same line is not held back by the rate limit."""
+    clock.now += ctxguard.telemetry.SPAN_INTERVAL
+    telemetry.exporter.clear()
+    with pytest.raises(RuntimeError):
+        call_token()  # touch: token
+    attrs = one_error(telemetry)
+    return attrs["code.file.path"], attrs["code.line.number"]
+
+
+def test_in_app_include_given_later_takes_effect_at_once(telemetry, clock, tmp_path, monkeypatch):
+    """``in_app_include`` passed to a later ``install()`` makes that module the user's from
+    then on, even after its lines were already seen as a library's."""
+    tokens = write_installed(tmp_path, monkeypatch, "laterext")
+    ctxguard.install(**telemetry.providers)
+    assert error_lines(telemetry, clock, tokens.token) == (__file__, marker_line("token"))
+    ctxguard.install(in_app_include=["laterext"])
+    assert error_lines(telemetry, clock, tokens.token) == (tokens.__file__, 5)
+
+
+@pytest.mark.parametrize("known_by", ["package", "root path"])
+def test_an_app_registered_later_makes_its_installed_code_the_users_at_once(
+    telemetry, clock, tmp_path, monkeypatch, known_by
+):
+    """``CtxGuard(app)`` for an app whose code is installed (known by its package, or by its
+    root path) makes that code the user's from then on, even after its lines were already
+    seen as a library's. The other distributions installed beside it stay libraries."""
+    tokens = write_installed(tmp_path, monkeypatch, "laterapp")
+    neighbour = write_installed(tmp_path, monkeypatch, "neighbourlib")
+    ctxguard.install(**telemetry.providers)
+    assert error_lines(telemetry, clock, tokens.token) == (__file__, marker_line("token"))
+    if known_by == "package":  # its root path is site-packages itself: not the app's own
+        app = Flask("laterapp", root_path=str(tmp_path / "site-packages"))
+    else:
+        app = Flask("__main__", root_path=str(tmp_path / "site-packages" / "laterapp"))
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert error_lines(telemetry, clock, tokens.token) == (tokens.__file__, 5)
+    assert error_lines(telemetry, clock, neighbour.token) == (__file__, marker_line("token"))
+
+
+def test_an_error_in_the_apps_own_span_processor_is_reported_once_it_is_safe(
+    telemetry, caplog_ctxguard
+):
+    """The app's own span processor that reads ``request`` while the OpenTelemetry SDK ends
+    a background job's span gets Flask's error. ctxguard does not emit from inside the SDK
+    (which may hold its locks there): the error is counted, traced and logged at the next
+    safe point, here the end of the job's thread, at the processor's line."""
+    errors: list[RuntimeError] = []
+
+    class AuditProcessor(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            try:
+                _ = request.path  # touch: span processor
+            except RuntimeError as exc:
+                errors.append(exc)
+
+    telemetry.tracer_provider.add_span_processor(AuditProcessor())
+    ctxguard.install(**telemetry.providers)
+    tracer = telemetry.tracer_provider.get_tracer("jobs")
+    while_running: list[list[Any]] = []
+
+    def job() -> None:
+        with tracer.start_as_current_span("nightly job"):
+            pass
+        while_running.append(telemetry.spans(ERROR_SPAN))
+
+    worker = threading.Thread(target=job, name="nightly")
+    worker.start()
+    worker.join()
+
+    # (the processor meets the same error again while ctxguard's own span ends: not counted)
+    assert errors and {str(error) for error in errors} == {NO_REQUEST}
+    assert while_running == [[]]
+    attrs = one_error(telemetry)
+    assert attrs["code.line.number"] == marker_line("span processor")
+    assert attrs["thread.name"] == "nightly"
+    assert telemetry.value(ERRORS, {"ctxguard.worker.kind": "thread"}) == 1
+    logged = [r.getMessage() for r in caplog_ctxguard.records if "used outside" in r.getMessage()]
+    assert len(logged) == 1
+    assert f"{__file__}:{marker_line('span processor')} in " in logged[0]
+
+
+def test_providers_given_to_a_later_install_are_used_from_then_on(telemetry):
+    """``install()`` again with other providers (a second app's ``CtxGuard(app, ...)``)
+    sends what happens from then on to those providers, and nothing more to the first."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    later = {"tracer_provider": tracer_provider, "meter_provider": MeterProvider([reader])}
+
+    ctxguard.install(**telemetry.providers)
+    with pytest.raises(RuntimeError):
+        _ = request.method
+    ctxguard.install(**later)
+    with pytest.raises(RuntimeError):
+        _ = current_app.config
+
+    assert [s.attributes["ctxguard.proxy"] for s in telemetry.spans(ERROR_SPAN)] == ["request"]
+    assert telemetry.value(ERRORS) == 1
+    assert [s.attributes["ctxguard.proxy"] for s in exporter.get_finished_spans()] == [
+        "current_app"
+    ]
+    data = reader.get_metrics_data()
+    points = [
+        (dict(p.attributes), p.value)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == ERRORS
+        for p in m.data.data_points
+    ]
+    assert [(attrs["ctxguard.proxy"], value) for attrs, value in points] == [("current_app", 1)]
+
+
+def test_a_proxy_lookup_another_tool_wrapped_in_a_callable_object_is_still_guarded(telemetry):
+    """A proxy whose lookup another tool replaced with a callable object (here a
+    ``functools.partial``, which has no code of its own) is still guarded, by the plain
+    wrapper: the user gets Flask's error and it is reported."""
+    import functools
+
+    g_proxy = flask.globals.g
+    original = object.__getattribute__(g_proxy, "_get_current_object")
+    object.__setattr__(g_proxy, "_get_current_object", functools.partial(original))
+    try:
+        assert ctxguard.install(**telemetry.providers) is True
+        with pytest.raises(RuntimeError) as info:
+            _ = g_proxy.user
+        assert str(info.value) == NO_APP
+        assert telemetry.value(ERRORS, {"ctxguard.proxy": "g"}) == 1
+    finally:
+        ctxguard.uninstall()
+        object.__setattr__(g_proxy, "_get_current_object", original)
+
+
+def test_each_proxy_not_built_by_werkzeug_gets_its_own_log_line(
+    telemetry, monkeypatch, caplog_ctxguard
+):
+    """When several of Flask's proxies are not built as Werkzeug builds them, each gets its
+    own log line naming it."""
+
+    def lookup() -> Any:
+        raise RuntimeError(NO_APP)
+
+    monkeypatch.setattr(flask.globals, "g", LocalProxy(lookup))
+    monkeypatch.setattr(flask.globals, "current_app", LocalProxy(lookup))
+    ctxguard.install(**telemetry.providers)
+    lines = [r.getMessage() for r in caplog_ctxguard.records if "plain wrapper" in r.getMessage()]
+    named = sorted(line.split(" is not built")[0] for line in lines)
+    assert named == ["ctxguard: flask.current_app", "ctxguard: flask.g"]
