@@ -399,11 +399,11 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     if not (_takes(original, ["self", "exc"]) and defaults and len(defaults) == 1):
 
         def pop_any(self: Any, *args: Any, **kwargs: Any) -> Any:
-            w, record = _take(self)
+            w, record, where = _take(self)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException as error:
-                _after_pop(w, self, kind, record, error)
+                _after_pop(w, self, kind, record, error, where)
                 raise
             if record is None:
                 _after_pop(w, self, kind, None, None)
@@ -423,16 +423,17 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
         except AttributeError:
             w = _new_worker()
         open_ = w.open
+        where = None  # on top
         if open_ and open_[-1][_CTX] is self and open_[-1][_REQUEST] is w.request:
             record = open_.pop()
             if open_ and record[_SITE] is not None:
                 _keep_site(open_, self, record[_SITE])
         else:
-            record = _choose(w, self)
+            record, where = _choose(w, self)
         try:
             original(self, exc)
         except BaseException as error:
-            _after_pop(w, self, kind, record, error)
+            _after_pop(w, self, kind, record, error, where)
             raise
         if record is None:
             _after_pop(w, self, kind, None, None)
@@ -442,21 +443,24 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
     return _like(pop, original)
 
 
-def _take(self: Any) -> tuple[Worker, list[Any] | None]:
+def _take(self: Any) -> tuple[Worker, list[Any] | None, int | None]:
     """Take the context's record off before popping: popping a request context
-    pops its application context inside it, which then finds its own on top."""
+    pops its application context inside it, which then finds its own on top.
+    Also says where the record was (``None``: on top)."""
     w = worker()
     open_ = w.open
     if open_ and open_[-1][_CTX] is self and open_[-1][_REQUEST] is w.request:
         record = open_.pop()
         if open_ and record[_SITE] is not None:
             _keep_site(open_, self, record[_SITE])
-        return w, record
-    return w, _choose(w, self)
+        return w, record, None
+    return (w, *_choose(w, self))
 
 
-def _choose(w: Worker, ctx: Any) -> list[Any] | None:
-    """The record a pop of ``ctx`` closes, when it is not simply the top one.
+def _choose(w: Worker, ctx: Any) -> tuple[list[Any] | None, int | None]:
+    """The record a pop of ``ctx`` closes, when it is not simply the top one,
+    and where it was (for a wrong-order pop, the contexts above it are the ones
+    Flask jumped over).
 
     One context object can be pushed twice (``stream_with_context`` pushes the
     request's context again while the body is read, and the test client
@@ -469,7 +473,7 @@ def _choose(w: Worker, ctx: Any) -> list[Any] | None:
         open_ = w.open
         mine = [i for i in range(len(open_)) if open_[i][_CTX] is ctx]
         if not mine or (len(mine) == 1 and mine[0] != len(open_) - 1):
-            return None
+            return None, None
         request = w.request
         index = mine[-1]
         for i in reversed(mine):
@@ -479,10 +483,10 @@ def _choose(w: Worker, ctx: Any) -> list[Any] | None:
         record = open_.pop(index)
         if record[_SITE] is not None:
             _keep_site(open_, ctx, record[_SITE])
-        return record
+        return record, index
     except Exception as exc:
         telemetry.fault("ledger pop", exc)
-        return None
+        return None, None
 
 
 def _like(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
@@ -525,6 +529,7 @@ def _after_pop(
     kind: str,
     record: list[Any] | None,
     exc: BaseException | None,
+    where: int | None = None,
 ) -> None:
     """Reconcile the ledger after a pop that was not the plain case.
 
@@ -540,7 +545,7 @@ def _after_pop(
                 return
             record = w.open.pop(index)
         else:
-            index = len(w.open)  # it was on top
+            index = len(w.open) if where is None else where  # where the record was
         wrong = _is_wrong_context(exc, kind)
         next(_pops[kind, telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK])
         if not (exc is None or wrong or current(kind) is not ctx):
@@ -757,10 +762,12 @@ def record_current_context(w: Worker) -> None:
     ``CtxGuard(app)`` must still be seen by the middleware.
     """
     known = {id(record[_CTX]) for record in w.open}
-    for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):
+    adopted = []
+    for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):  # oldest first
         ctx = current(kind)
         if ctx is not None and id(ctx) not in known:
-            w.open.insert(0, [ctx, kind, None, _monotonic(), None])
+            adopted.append([ctx, kind, None, _monotonic(), None])
+    w.open[0:0] = adopted
 
 
 # --------------------------------------------------------------------------
