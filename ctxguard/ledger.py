@@ -547,9 +547,12 @@ def _after_pop(
         else:
             index = len(w.open) if where is None else where  # where the record was
         wrong = _is_wrong_context(exc, kind)
-        next(_pops[kind, telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK])
         if not (exc is None or wrong or current(kind) is not ctx):
-            w.open.insert(min(index, len(w.open)), record)  # Flask could not pop it
+            # Flask could not pop it (a token from another contextvars Context):
+            # still open, and not a pop.
+            w.open.insert(min(index, len(w.open)), record)
+            return
+        next(_pops[kind, telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK])
         if wrong:
             _orphan_above(w, kind, index)
             _log_pop(kind, telemetry.OUTCOME_WRONG)

@@ -1444,3 +1444,29 @@ def test_contexts_open_at_install_are_listed_oldest_first(telemetry):
         assert kinds == ["app", "request", "app"]
     finally:
         ctx.pop()
+
+
+def test_a_pop_flask_refuses_is_not_counted_as_a_pop(telemetry):
+    """A pop Flask cannot make (from a copy of the thread's ``contextvars`` context: the
+    push's token is not valid there, Flask raises ``ValueError`` and the context stays
+    current, never to be popped) is not counted as a pop: pushes minus pops stays equal to
+    the contexts open."""
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    kind = {"ctxguard.context.kind": "app"}
+    seen: dict[str, Any] = {}
+
+    def work() -> None:  # on its own thread: the context stays there for good
+        ctx = app.app_context()
+        ctx.push()
+        try:
+            contextvars.copy_context().run(ctx.pop)
+        except ValueError as exc:
+            seen["error"] = exc
+        seen["counts"] = [telemetry.value(m, kind) for m in (PUSHES, POPS, OPEN)]
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert isinstance(seen["error"], ValueError)
+    assert seen["counts"] == [1, 0, 1]
