@@ -385,7 +385,7 @@ def test_a_worker_forked_while_the_master_installs_can_use_ctxguard(telemetry, c
     """A worker process forked while another thread of the master is inside ``install()``
     (a server forking its workers after loading the app): the worker is not stuck on the
     master's half-finished call, so ``install()``, ``snapshot()`` and ``uninstall()`` work
-    there. The worker's exit status says so (it is killed after 10 s if stuck)."""
+    there. The worker's exit status says so (it is killed after 30 s if stuck)."""
     caplog.set_level(logging.INFO, logger="ctxguard")
     app = make_app()
     inside, gate = threading.Event(), threading.Event()
@@ -405,7 +405,7 @@ def test_a_worker_forked_while_the_master_installs_can_use_ctxguard(telemetry, c
             code = 1
             try:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(10)
+                signal.alarm(30)
                 code = 0 if forked_worker_uses_ctxguard(app) else 2
             finally:
                 os._exit(code)
@@ -447,7 +447,7 @@ def test_a_worker_forked_while_the_master_makes_its_instruments_can_use_ctxguard
             code = 1
             try:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(10)
+                signal.alarm(30)
                 code = 0 if forked_worker_uses_ctxguard(app) else 2
             finally:
                 os._exit(code)

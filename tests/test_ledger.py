@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import os
 import threading
 import weakref
+from typing import Any
 
+import flask
 import pytest
 from flask import Flask, current_app
-from helpers import call, line_of, make_app
+from helpers import call, environ, line_of, make_app
 
 import ctxguard
 
@@ -255,3 +259,682 @@ def test_contexts_pushed_before_install_do_not_confuse_counts(telemetry):
     ctx.pop()
     assert telemetry.value(POPS, pops("app", "ok")) == 1
     assert telemetry.value(OPEN, APP) == 0
+
+
+# --------------------------------------------------------------------------
+# What the plain path does not show: another library's wrapper around Flask's push
+# and pop, contexts pushed twice, pops Flask refuses or makes on another thread,
+# contexts Flask pushed with no site of their own, healing, and what the ledger keeps.
+
+LEAKS = "ctxguard.context.leaks"
+
+
+def wrap_push_and_pop(monkeypatch) -> None:
+    """Another library wraps Flask's push and pop (with a signature of its own)."""
+    from flask.ctx import AppContext, RequestContext
+
+    def wrap(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    for cls in (AppContext, RequestContext):
+        monkeypatch.setattr(cls, "push", wrap(cls.push))
+        monkeypatch.setattr(cls, "pop", wrap(cls.pop))
+
+
+@pytest.fixture
+def foreign_wrapper(monkeypatch):
+    wrap_push_and_pop(monkeypatch)
+
+
+@pytest.fixture(params=["flask", "foreign-wrapper"])
+def hooks(request, monkeypatch):
+    """Flask's own push and pop, or the same wrapped by another library."""
+    if request.param == "foreign-wrapper":
+        wrap_push_and_pop(monkeypatch)
+
+
+def test_a_stream_inside_with_client_leaks_nothing_under_a_foreign_wrapper(
+    telemetry, foreign_wrapper
+):
+    """With Flask's push and pop wrapped by another library, a ``stream_with_context``
+    response inside ``with client:`` (one context pushed by the request, the stream and
+    the client) is still popped cleanly: nothing leaked, every pop ``ok``."""
+    from flask import Response, session, stream_with_context
+
+    app = Flask("streams")
+    app.config.update(TESTING=True, SECRET_KEY="s")
+
+    @app.route("/")
+    def index():
+        session["test"] = "flask"
+
+        @stream_with_context
+        def gen():
+            yield session["test"]
+
+        return Response(gen())
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    client = app.test_client()
+    client.get().close()
+    assert client.get().text == "flask"
+    with client:
+        client.get().close()
+    with client:
+        assert client.get().text == "flask"
+    assert telemetry.value(LEAKS) == 0
+    assert telemetry.spans() == []
+    assert telemetry.value(POPS, pops("app", "ok")) == telemetry.value(PUSHES, APP)
+    assert telemetry.value(POPS, pops("request", "ok")) == telemetry.value(PUSHES, REQUEST)
+    assert telemetry.value(OPEN) == 0
+
+
+def test_a_context_pushed_again_by_a_view_is_reported_at_the_view(telemetry, hooks):
+    """A view pushes the request's own app context once more and never pops it: the
+    request's end pops Flask's push, the view's stays open and current. The leak is
+    reported at the view's line (not as "a place Flask chose"), with the request's route,
+    and linked to the request's trace."""
+    from flask.globals import app_ctx
+
+    app = make_app()
+    tracer = telemetry.tracer_provider.get_tracer("server")
+
+    @app.route("/again")
+    def again() -> str:
+        app_ctx.push()  # push: again
+        return "ok"
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    with app.app_context():  # this module pushed a context before, outside any request
+        pass
+    with tracer.start_as_current_span("GET /again") as request_span:
+        call(app, "/again")
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["ctxguard.context.kind"] == "app"
+    assert span.attributes["code.file.path"] == __file__
+    assert span.attributes["code.line.number"] == line_of(__file__, "# push: " + "again")
+    assert span.attributes["http.route"] == "/again"
+    (link,) = span.links
+    assert link.context.span_id == request_span.get_span_context().span_id
+    assert telemetry.value(LEAKS, APP) == 1
+
+
+def test_requests_served_without_the_middleware_are_counted_like_any_other(
+    telemetry, caplog_ctxguard, hooks
+):
+    """With the process hooks only (``install()``, no ``CtxGuard``), a request still counts
+    one push and one pop of each kind, is open while the view runs, and nothing goes wrong
+    inside ctxguard."""
+    app = make_app()
+    seen: list[int] = []
+
+    @app.route("/open")
+    def view() -> str:
+        seen.append(telemetry.value(OPEN))
+        return "ok"
+
+    ctxguard.install(**telemetry.providers)
+    call(app, "/open")
+    assert seen == [2]
+    assert [telemetry.value(PUSHES, kind) for kind in (APP, REQUEST)] == [1, 1]
+    assert [telemetry.value(POPS, pops(kind, "ok")) for kind in ("app", "request")] == [1, 1]
+    assert telemetry.value(OPEN) == 0
+    assert caplog_ctxguard.records == []
+
+
+def test_a_pop_flask_cannot_make_leaves_the_context_open(telemetry, caplog_ctxguard, hooks):
+    """A pop Flask cannot make (from a copy of the thread's ``contextvars`` context, where
+    the push's token is not valid: Flask raises ``ValueError`` and the context stays
+    current) leaves the context open: it is still counted open while the thread runs and,
+    never popped, reported as leaked at its push line when the thread ends."""
+    import contextvars
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    seen: dict[str, object] = {}
+
+    def work() -> None:
+        ctx = app.app_context()
+        ctx.push()  # push: refused pop
+        with pytest.raises(ValueError):
+            contextvars.copy_context().run(ctx.pop)
+        seen["current"] = current_app._get_current_object()
+        seen["open"] = telemetry.value(OPEN, APP)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == {"current": app, "open": 1}
+    assert telemetry.value(POPS, pops("app", "ok")) == 0  # nothing was popped
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["ctxguard.leak.site"] == "thread_exit"
+    assert span.attributes["code.line.number"] == line_of(__file__, "# push: " + "refused pop")
+    assert not [r for r in caplog_ctxguard.records if "internal error" in r.getMessage()]
+
+
+def test_a_wrong_order_pop_leaves_the_contexts_below_it_alone(telemetry):
+    """After a wrong-order pop, only the contexts pushed after the popped one are out of
+    reach; one pushed before it is still current and reachable, and popping it closes it:
+    nothing of it stays open or in the snapshot."""
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    base = app.app_context()
+    base.push()  # push: below
+    outer, inner = app.app_context(), app.app_context()
+    outer.push()
+    inner.push()  # push: jumped over
+    with pytest.raises(AssertionError, match="Popped wrong app context"):
+        outer.pop()
+
+    def contexts() -> list[tuple[int, bool]]:
+        return [
+            (entry["line"], entry["reachable"])
+            for worker in ctxguard.snapshot()["workers"]
+            for entry in worker["contexts"]
+        ]
+
+    below, jumped = (
+        line_of(__file__, "# push: " + "below"),
+        line_of(__file__, "# push: " + "jumped over"),
+    )
+    assert contexts() == [(below, True), (jumped, False)]
+    assert current_app._get_current_object() is app
+    base.pop()
+    assert contexts() == [(jumped, False)]
+    assert telemetry.value(OPEN, APP) == 1  # ``inner`` only: this test still holds it
+    assert telemetry.value(POPS, pops("app", "ok")) == 1
+
+
+def test_a_wrong_order_pop_of_a_context_pushed_twice_closes_one_push(telemetry):
+    """A context pushed twice with another one between, then popped out of order: Flask
+    undoes its second push (and complains), the first one is still current. Exactly two
+    contexts stay open: the first push and the one jumped over, which is out of reach."""
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    twice, between = app.app_context(), app.app_context()
+    twice.push()
+    twice.push()
+    between.push()
+    with pytest.raises(AssertionError, match="Popped wrong app context"):
+        twice.pop()
+    assert telemetry.value(OPEN, APP) == 2
+    assert telemetry.value(POPS, pops("app", "wrong_context")) == 1
+    (worker,) = ctxguard.snapshot()["workers"]
+    # The first push is still current; the one jumped over can never be popped.
+    assert [entry["reachable"] for entry in worker["contexts"]] == [True, False]
+
+
+def test_a_pop_with_no_code_of_the_users_on_the_stack_is_logged_at_an_unknown_place(telemetry):
+    """A cross-thread pop made with nothing but Flask and ctxguard on the stack (a thread
+    started at C level, running ``Context.run(ctx.pop)`` directly) is still logged, and
+    says it happened at an unknown place."""
+    import _thread
+    import contextvars
+    import logging
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    shared = contextvars.copy_context()
+    ctx = app.app_context()
+    shared.run(ctx.push)
+    messages: list[str] = []
+    logged = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "popped with outcome" in record.getMessage():
+                messages.append(record.getMessage())
+                logged.set()
+
+    logger = logging.getLogger("ctxguard")
+    handler = Seen()
+    logger.addHandler(handler)
+    try:
+        _thread.start_new_thread(shared.run, (ctx.pop,))
+        assert logged.wait(10)
+    finally:
+        logger.removeHandler(handler)
+    assert messages == [
+        "ctxguard: app context popped with outcome cross_worker at an unknown place"
+    ]
+    assert telemetry.value(POPS, pops("app", "cross_worker")) == 1
+
+
+def test_a_context_popped_on_another_thread_leaves_the_open_count_and_the_snapshot(
+    telemetry, hooks
+):
+    """Once a context is popped on another thread sharing its ``contextvars`` context, the
+    thread that pushed it (still running) no longer counts it open nor shows it in the
+    snapshot; its contexts pushed after it are still there."""
+    import contextvars
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    shared = contextvars.copy_context()
+    ctx = app.app_context()
+    shared.run(ctx.push)
+    later = app.app_context()
+    later.push()  # push: still open
+    thread = threading.Thread(target=shared.run, args=(ctx.pop,))
+    thread.start()
+    thread.join()
+    assert telemetry.value(POPS, pops("app", "cross_worker")) == 1
+    assert telemetry.value(OPEN, APP) == 1
+    (worker,) = ctxguard.snapshot()["workers"]
+    assert [entry["line"] for entry in worker["contexts"]] == [
+        line_of(__file__, "# push: " + "still open")
+    ]
+    later.pop()
+    assert telemetry.value(OPEN, APP) == 0
+
+
+def test_a_teardown_error_that_cannot_be_printed_reaches_the_caller_unchanged(
+    telemetry, caplog_ctxguard
+):
+    """A teardown function raises an ``AssertionError`` whose message itself fails to
+    render: ctxguard, which reads the message of an ``AssertionError`` from a pop, logs its
+    own failure once (naming where) and the caller gets the very exception raised; the
+    context is popped and not counted open."""
+
+    class Unprintable(AssertionError):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    app = make_app()
+
+    @app.teardown_appcontext
+    def fail(exc: BaseException | None) -> None:
+        raise Unprintable
+
+    ctxguard.install(**telemetry.providers)
+    ctx = app.app_context()
+    ctx.push()
+    with pytest.raises(Unprintable) as raised:
+        ctx.pop()
+    assert raised.value.__context__ is None
+    assert not flask.has_app_context()
+    assert telemetry.value(OPEN, APP) == 0
+    (message,) = [r.getMessage() for r in caplog_ctxguard.records]
+    assert message.startswith(
+        "ctxguard: internal error in ledger pop (ignored, the application is not affected;"
+        " 0 more since the last report): RuntimeError"
+    )
+
+
+def test_leaks_with_no_push_site_are_told_apart_by_the_request_that_started_them(
+    telemetry, caplog_ctxguard
+):
+    """Threads started by two different routes each push a request context and never pop
+    it. The app context Flask pushed inside it has no push site of its own; the two are
+    still two leaks, each logged with the route that started its thread."""
+    app = make_app()
+
+    def work() -> None:
+        app.test_request_context("/").push()
+
+    def start_work() -> str:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        return "started"
+
+    app.add_url_rule("/a", "a", start_work)
+    app.add_url_rule("/b", "b", start_work)
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    call(app, "/a")
+    call(app, "/b")
+    leaked = [
+        r.getMessage()
+        for r in caplog_ctxguard.records
+        if r.getMessage().startswith("ctxguard: app context leaked")
+    ]
+    assert [m.split("; pushed at ")[0] for m in leaked] == [
+        "ctxguard: app context leaked (thread_exit), pushed in work started by request GET /a",
+        "ctxguard: app context leaked (thread_exit), pushed in work started by request GET /b",
+    ]
+    assert telemetry.value(LEAKS, APP) == 2
+
+
+def test_a_stale_context_not_current_on_the_thread_is_not_healed(telemetry):
+    """A view pushes an app context in a copy of its ``contextvars`` context (as
+    ``asyncio.run`` or ``Context.run`` do) and never pops it: it is reported as leaked when
+    the request ends, but it is not current on the thread, so the next request there does
+    not pop it: no teardown runs for it and nothing is counted healed."""
+    import contextvars
+
+    app = make_app()
+
+    @app.route("/elsewhere")
+    def elsewhere() -> str:
+        contextvars.copy_context().run(app.app_context().push)
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", heal=True, **telemetry.providers)
+    call(app, "/elsewhere")
+    assert telemetry.value(LEAKS, APP) == 1
+    call(app, "/")
+    assert telemetry.value("ctxguard.context.healed") == 0
+    assert app.teardowns == [None, None]  # the two requests' own app contexts
+
+
+def test_contexts_closed_on_other_threads_are_not_reported_by_the_next_request(
+    telemetry, caplog_ctxguard
+):
+    """Two contexts pushed on this thread in ``contextvars`` contexts that other threads
+    then run and pop there: they are closed. The next request on this thread reports only
+    the context still open here (pushed outside any request), not the two closed ones."""
+    import contextvars
+
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", heal=False, **telemetry.providers)
+    kept = app.app_context()
+    kept.push()  # push: kept open
+    first, second = contextvars.copy_context(), contextvars.copy_context()
+    closed = [app.app_context(), app.app_context()]
+    first.run(closed[0].push)
+    second.run(closed[1].push)
+    for shared, ctx in ((first, closed[0]), (second, closed[1])):
+        thread = threading.Thread(target=shared.run, args=(ctx.pop,))
+        thread.start()
+        thread.join()
+    call(app, "/")
+    spans = telemetry.spans("ctxguard.context_leak")
+    assert [s.attributes["code.line.number"] for s in spans] == [
+        line_of(__file__, "# push: " + "kept open")
+    ]
+    assert telemetry.value(LEAKS, APP) == 1
+
+
+def test_a_context_jumped_over_in_a_view_and_collected_is_still_reported(telemetry):
+    """A view pushes two app contexts and pops the outer one first: Flask can never pop the
+    inner one. Even once it has been garbage collected, it is reported as leaked when the
+    request ends, at its push line."""
+    app = make_app()
+
+    @app.route("/jump")
+    def jump() -> str:
+        outer, inner = app.app_context(), app.app_context()
+        outer.push()
+        inner.push()  # push: skipped in a view
+        ref = weakref.ref(inner)
+        del inner
+        with pytest.raises(AssertionError, match="Popped wrong app context"):
+            outer.pop()
+        gc.collect()
+        assert ref() is None
+        return "ok"
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    assert call(app, "/jump")[2] == b"ok"
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["code.line.number"] == line_of(
+        __file__, "# push: " + "skipped in a view"
+    )
+
+
+def test_a_request_context_pushed_again_by_a_view_reports_both_contexts_at_the_view(telemetry):
+    """A view pushes the request's own request context once more and never pops it: the
+    request's end undoes only Flask's push of it, so the request context and the app
+    context Flask pushed with it stay open. Both are reported at the view's line: the app
+    context has no push site of its own and takes the one of the request's next push."""
+    from flask.globals import request_ctx
+
+    app = make_app()
+
+    @app.route("/again")
+    def again() -> str:
+        request_ctx.push()  # push: request again
+        return "ok"
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    call(app, "/again")
+    spans = telemetry.spans("ctxguard.context_leak")
+    line = line_of(__file__, "# push: " + "request again")
+    assert sorted(
+        (s.attributes["ctxguard.context.kind"], s.attributes.get("code.line.number")) for s in spans
+    ) == [("app", line), ("request", line)]
+
+
+def test_a_push_made_after_the_response_does_not_hide_the_requests_push_sites(
+    telemetry, caplog_ctxguard
+):
+    """The same leak in a streamed response, with a context pushed outside any request
+    (by the code serving it) between the response and its close: the request's two
+    contexts are still both reported at the view's line when the body is closed."""
+    from flask.globals import request_ctx
+
+    app = make_app()
+
+    @app.route("/stream")
+    def stream():
+        request_ctx.push()  # push: streamed again
+
+        def chunks():
+            yield "a"
+
+        return app.response_class(chunks())
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    body = app(environ("/stream"), lambda *a: None)
+    server = app.app_context()
+    server.push()
+    try:
+        assert b"".join(body) == b"a"
+        body.close()
+    finally:
+        server.pop()
+    line = line_of(__file__, "# push: " + "streamed again")
+    assert sorted(
+        (s.attributes["ctxguard.context.kind"], s.attributes.get("code.line.number"))
+        for s in telemetry.spans("ctxguard.context_leak")
+    ) == [("app", line), ("request", line)]
+
+
+def test_a_view_that_pushes_the_ambient_app_context_again_leaks_it(telemetry):
+    """An app context pushed outside any request (at import time) is what every request
+    on the thread uses. A view that pushes it once more and never pops it leaks that
+    push: it is reported when the request ends, at the view's line."""
+    from flask.globals import app_ctx
+
+    app = make_app(TESTING=True)
+
+    @app.route("/again")
+    def again() -> str:
+        app_ctx.push()  # push: ambient again
+        return "ok"
+
+    ambient = app.app_context()
+    ambient.push()
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    call(app, "/again")
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["ctxguard.leak.site"] == "request_end"
+    assert span.attributes["code.line.number"] == line_of(__file__, "# push: " + "ambient again")
+
+
+def test_the_ledger_does_not_grow_with_the_threads_that_have_ended(telemetry):
+    """A long-running process starts threads for ever (a thread per request, pools that
+    renew their threads): what ctxguard keeps for a thread that pushed contexts is freed
+    when the thread ends, and nothing of it is left behind, also nothing reported on
+    ``sys.unraisablehook``."""
+    import sys
+    import tracemalloc
+
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    unraisable: list[Any] = []
+
+    def work() -> None:
+        with app.app_context():
+            pass
+
+    def run_threads(n: int) -> None:
+        for _ in range(n):
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+        gc.collect()
+
+    def in_ledger(snapshot: tracemalloc.Snapshot) -> int:
+        ledger_file = os.path.join(os.path.dirname(ctxguard.__file__), "ledger.py")
+        return sum(
+            s.size
+            for s in snapshot.statistics("filename")
+            if s.traceback[0].filename == ledger_file
+        )
+
+    def from_ctxguard(args: Any) -> bool:
+        tb = args.exc_traceback
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(os.path.dirname(ctxguard.__file__)):
+                return True
+            tb = tb.tb_next
+        return False
+
+    gc.collect()  # what earlier tests left behind is not this test's
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    tracemalloc.start()
+    try:
+        run_threads(5)  # warm up
+        before = in_ledger(tracemalloc.take_snapshot())
+        run_threads(100)
+        grown = in_ledger(tracemalloc.take_snapshot()) - before
+    finally:
+        tracemalloc.stop()
+        sys.unraisablehook = hook
+    assert grown < 2000, f"{grown} bytes kept for 100 ended threads"
+    assert [args for args in unraisable if from_ctxguard(args)] == []
+
+
+def test_a_thread_reusing_the_ident_of_an_ended_thread_still_has_its_leaks_reported(
+    telemetry,
+):
+    """A response body outlives the thread that served it (kept and dropped later), and
+    the system gives that thread's identifier to a new thread meanwhile. When the body is
+    dropped, the new thread's ledger is untouched: a context it never pops is reported
+    when it ends."""
+    app = make_app()
+
+    @app.route("/stream")
+    def stream():
+        return app.response_class(iter(["a"]))
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    kept: list[object] = []
+    first = threading.Thread(target=lambda: kept.append(app(environ("/stream"), lambda *a: None)))
+    first.start()
+    first.join()
+    chosen, pushed, dropped = threading.Event(), threading.Event(), threading.Event()
+
+    def candidate(go: threading.Event) -> None:
+        go.wait(10)
+        if chosen.is_set():
+            app.app_context().push()  # push: reused ident
+            pushed.set()
+            dropped.wait(10)
+
+    for _ in range(100):  # until the system hands out the first thread's identifier again
+        go = threading.Event()
+        second = threading.Thread(target=candidate, args=(go,))
+        second.start()
+        if second.ident == first.ident:
+            chosen.set()
+        go.set()
+        if chosen.is_set():
+            break
+        second.join()
+    else:
+        kept.clear()
+        pytest.skip("this system never reused the thread identifier")
+    pushed.wait(10)
+    kept.clear()
+    gc.collect()
+    dropped.set()
+    second.join()
+    (span,) = telemetry.spans("ctxguard.context_leak")
+    assert span.attributes["ctxguard.leak.site"] == "thread_exit"
+    assert span.attributes["code.line.number"] == line_of(__file__, "# push: " + "reused ident")
+
+
+def test_the_exception_given_to_pop_reaches_the_teardown_functions(telemetry, hooks):
+    """``pop(exc)`` and ``pop(exc=...)`` hand the exception to the app's teardown
+    functions as without ctxguard, ``pop()`` in an ``except`` block the exception being
+    handled; so does Flask for a view that raised."""
+    app = make_app()
+
+    @app.route("/fail")
+    def fail() -> str:
+        raise KeyError("failed")
+
+    ctxguard.install(**telemetry.providers)
+    error = ValueError("given")
+    first, second = app.app_context(), app.app_context()
+    first.push()
+    first.pop(error)
+    second.push()
+    second.pop(exc=error)
+    third = app.app_context()
+    third.push()
+    try:
+        raise LookupError("handled")
+    except LookupError:
+        third.pop()
+    assert call(app, "/fail")[0] == "500 INTERNAL SERVER ERROR"
+    assert [type(exc) for exc in app.teardowns] == [ValueError, ValueError, LookupError, KeyError]
+    assert app.teardowns[:2] == [error, error]
+
+
+def test_the_hooked_push_and_pop_look_like_the_methods_they_replace(telemetry, hooks):
+    """Code that inspects Flask's ``push`` and ``pop`` (documentation tools, debuggers,
+    another library hooking them after ctxguard) sees the same name, qualified name,
+    module, docstring and signature, and unwraps them to the same function."""
+    import inspect
+
+    from flask.ctx import AppContext, RequestContext
+
+    replaced = [(cls, name) for cls in (AppContext, RequestContext) for name in ("push", "pop")]
+    before = {key: getattr(*key) for key in replaced}
+    ctxguard.install(**telemetry.providers)
+    for key, original in before.items():
+        hooked = getattr(*key)
+        assert hooked is not original
+        for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
+            assert getattr(hooked, attribute) == getattr(original, attribute), (key, attribute)
+        assert inspect.signature(hooked) == inspect.signature(original)
+        assert inspect.unwrap(hooked) is inspect.unwrap(original)
+
+
+def test_wrapped_push_and_pop_keep_their_own_parameters(telemetry, monkeypatch):
+    """Another library's ``push`` and ``pop`` wrappers with parameters of their own are
+    called as without ctxguard: a caller passing those parameters by name reaches them."""
+    from flask.ctx import AppContext
+
+    original_push, original_pop = AppContext.push, AppContext.pop
+    notes: list[str] = []
+
+    @functools.wraps(original_push)
+    def push(self, note="none"):
+        notes.append(note)
+        return original_push(self)
+
+    @functools.wraps(original_pop)
+    def pop(self, error=None):
+        return original_pop(self, error) if error is not None else original_pop(self)
+
+    monkeypatch.setattr(AppContext, "push", push)
+    monkeypatch.setattr(AppContext, "pop", pop)
+    app = make_app()
+    ctxguard.install(**telemetry.providers)
+    ctx = app.app_context()
+    ctx.push(note="named")
+    error = ValueError("named")
+    ctx.pop(error=error)
+    assert notes == ["named"]
+    assert app.teardowns == [error]
+    assert telemetry.value(PUSHES, APP) == 1
+    assert telemetry.value(POPS, pops("app", "ok")) == 1
