@@ -380,6 +380,23 @@ def forked_worker_uses_ctxguard(app: flask.Flask) -> bool:
     return [c["line"] for c in mine] == [line_of(__file__, "# push-site: " + "forked worker")]
 
 
+def fork_a_worker(app: flask.Flask) -> int:
+    """Fork a worker that runs ``forked_worker_uses_ctxguard``; its exit status (the
+    worker is killed after 30 s if stuck)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # the worker: never returns into pytest
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(30)
+            code = 0 if forked_worker_uses_ctxguard(app) else 2
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_worker_forked_while_the_master_installs_can_use_ctxguard(telemetry, caplog):
     """A worker process forked while another thread of the master is inside ``install()``
@@ -398,18 +415,7 @@ def test_a_worker_forked_while_the_master_installs_can_use_ctxguard(telemetry, c
     try:
         master.start()
         assert inside.wait(10)  # the master thread is inside install() now
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
-            pid = os.fork()
-        if pid == 0:  # the worker: never returns into pytest
-            code = 1
-            try:
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(30)
-                code = 0 if forked_worker_uses_ctxguard(app) else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = fork_a_worker(app)
     finally:
         gate.set()
         master.join(10)
@@ -440,18 +446,7 @@ def test_a_worker_forked_while_the_master_makes_its_instruments_can_use_ctxguard
     try:
         master.start()
         assert inside.wait(10)  # the master thread is making the instruments now
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
-            pid = os.fork()
-        if pid == 0:  # the worker: never returns into pytest
-            code = 1
-            try:
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(30)
-                code = 0 if forked_worker_uses_ctxguard(app) else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = fork_a_worker(app)
     finally:
         gate.set()
         master.join(10)
