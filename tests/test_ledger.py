@@ -452,7 +452,8 @@ def test_a_wrong_order_pop_leaves_the_contexts_below_it_alone(telemetry):
 def test_a_wrong_order_pop_of_a_context_pushed_twice_closes_one_push(telemetry):
     """A context pushed twice with another one between, then popped out of order: Flask
     undoes its second push (and complains), the first one is still current. Exactly two
-    contexts stay open: the first push and the one jumped over, which is out of reach."""
+    contexts stay open: the first push and the one jumped over, which is out of reach and
+    not kept alive by ctxguard."""
     app = make_app()
     ctxguard.install(**telemetry.providers)
     twice, between = app.app_context(), app.app_context()
@@ -464,8 +465,14 @@ def test_a_wrong_order_pop_of_a_context_pushed_twice_closes_one_push(telemetry):
     assert telemetry.value(OPEN, APP) == 2
     assert telemetry.value(POPS, pops("app", "wrong_context")) == 1
     (worker,) = ctxguard.snapshot()["workers"]
-    # The first push is still current; the one jumped over can never be popped.
+    # The first push is still current; the one jumped over can never be popped, and
+    # ctxguard does not keep it alive.
     assert [entry["reachable"] for entry in worker["contexts"]] == [True, False]
+    freed = weakref.ref(between)
+    del between
+    gc.collect()
+    assert freed() is None
+    twice.pop()  # the first push, current again
 
 
 def test_a_pop_with_no_code_of_the_users_on_the_stack_is_logged_at_an_unknown_place(telemetry):

@@ -844,12 +844,8 @@ def test_a_context_a_body_pushed_on_the_thread_writing_it_is_a_request_end_leak(
     )
 
 
-def test_an_ordinary_response_is_handed_back_as_it_is_with_an_ambient_context(telemetry):
-    """An ordinary (not streamed) response, and the empty body of a ``HEAD`` request, go back
-    to the server as the very object Flask returned, also on a thread where an app context
-    was pushed at start-up: nothing of the request can run after it returned, so there is
-    nothing to watch."""
-    app = make_app()
+def record_what_flask_returns(app: Flask) -> list[Any]:
+    """The objects the app's own ``wsgi_app`` returns, in order (before any guard)."""
     returned: list[Any] = []
     flask_wsgi_app = app.wsgi_app
 
@@ -858,6 +854,16 @@ def test_an_ordinary_response_is_handed_back_as_it_is_with_an_ambient_context(te
         return returned[-1]
 
     app.wsgi_app = recording  # type: ignore[method-assign]
+    return returned
+
+
+def test_an_ordinary_response_is_handed_back_as_it_is_with_an_ambient_context(telemetry):
+    """An ordinary (not streamed) response, and the empty body of a ``HEAD`` request, go back
+    to the server as the very object Flask returned, also on a thread where an app context
+    was pushed at start-up: nothing of the request can run after it returned, so there is
+    nothing to watch."""
+    app = make_app()
+    returned = record_what_flask_returns(app)
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     app.app_context().push()  # at start-up, on this thread
     for path, method in (("/", "GET"), ("/items/1", "GET"), ("/", "HEAD")):
@@ -882,17 +888,11 @@ def test_send_file_bodies_that_run_no_code_are_handed_back_as_they_are(telemetry
     def file() -> Any:
         return send_file(io.BytesIO(b"0123456789" * 10), mimetype="text/plain")
 
-    returned: list[Any] = []
-    flask_wsgi_app = app.wsgi_app
-
-    def recording(environ: Any, start_response: Any) -> Any:
-        returned.append(flask_wsgi_app(environ, start_response))
-        return returned[-1]
+    returned = record_what_flask_returns(app)
 
     def uwsgi_file_wrapper(filelike: Any, blksize: int = 8192) -> Any:
         return filelike
 
-    app.wsgi_app = recording  # type: ignore[method-assign]
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     for extra in (
         {"wsgi.file_wrapper": uwsgi_file_wrapper, "HTTP_RANGE": "bytes=10-29"},
@@ -1198,14 +1198,7 @@ def test_the_first_ordinary_response_of_a_process_is_handed_back_as_it_is(teleme
     import ctxguard.middleware
 
     app = make_app()
-    returned: list[Any] = []
-    flask_wsgi_app = app.wsgi_app
-
-    def recording(environ: Any, start_response: Any) -> Any:
-        returned.append(flask_wsgi_app(environ, start_response))
-        return returned[-1]
-
-    app.wsgi_app = recording  # type: ignore[method-assign]
+    returned = record_what_flask_returns(app)
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     monkeypatch.setattr(ctxguard.middleware, "_closing_type", None)
     body = app(environ("/"), start_response)
