@@ -1,6 +1,7 @@
 """The per-worker ledger of open Flask contexts.
 
-Wraps ``AppContext.push/pop`` and ``RequestContext.push/pop``. For every
+Wraps the push and pop of Flask's context classes (``AppContext`` and, up
+to Flask 3.1, ``RequestContext``; see ``flaskmodel``). For every
 worker (a thread, or a greenlet when gevent patched ``threading.local``) it
 keeps the contexts pushed and not yet popped: their kind, the user's line
 that pushed them, when, and the request they were pushed in. It counts
@@ -28,7 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import frames, telemetry
+from . import flaskmodel, frames, telemetry
+from .flaskmodel import current
 from .frames import Site
 
 # Record fields.
@@ -248,34 +250,10 @@ def rebind() -> None:
 # --------------------------------------------------------------------------
 # Flask's internals that the hooks compare against, looked up once.
 
-_cv_by_kind: dict[str, Any] = {}
 # Code objects of Flask's own callers of push: a push from there is made on
 # behalf of a request, not by the user's code.
 _request_push_code: Any = None
 _wsgi_app_code: Any = None
-
-
-def _lookup_flask() -> None:
-    global _cv_by_kind, _wsgi_app_code
-    import flask
-    import flask.globals
-
-    _cv_by_kind = {
-        telemetry.KIND_APP: getattr(flask.globals, "_cv_app", None),
-        telemetry.KIND_REQUEST: getattr(flask.globals, "_cv_request", None),
-    }
-    _wsgi_app_code = getattr(inspect.unwrap(flask.Flask.wsgi_app), "__code__", None)
-
-
-def current(kind: str) -> Any:
-    """The context of this kind current on this worker, or None."""
-    var = _cv_by_kind.get(kind)
-    if var is None:
-        return None
-    try:
-        return var.get(None)
-    except Exception:
-        return None
 
 
 # --------------------------------------------------------------------------
@@ -301,10 +279,9 @@ def _site_of(frame: Any, request: RequestInfo | None) -> Site | None:
     return site
 
 
-def _recorder(kind: str) -> Callable[[Any, Any], None]:
-    """What a push of this kind records, given the frame that called ``push``."""
-    counter = _pushes[kind]
-    is_request = kind == telemetry.KIND_REQUEST
+def _recorder(kind: str | None) -> Callable[[Any, Any], None]:
+    """What a push of this kind records, given the frame that called ``push``
+    (kind ``None``: the context's own, ``flaskmodel.kind_of``)."""
 
     def record(ctx: Any, frame: Any) -> None:
         try:
@@ -314,15 +291,16 @@ def _recorder(kind: str) -> Callable[[Any, Any], None]:
                 w = _new_worker()
             request = w.request
             code = frame.f_code
+            k = kind if kind is not None else flaskmodel.kind_of(ctx)
             if code is _request_push_code or code is _wsgi_app_code:
                 # Flask pushing for the request it serves: no user site.
                 site = None
-                if is_request and request is not None and request.rule is None:
+                if k == telemetry.KIND_REQUEST and request is not None and request.rule is None:
                     request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
             else:
                 site = _site_of(frame, request)
-            w.open.append([ctx, kind, site, _monotonic(), request])
-            next(counter)
+            w.open.append([ctx, k, site, _monotonic(), request])
+            next(_pushes[k])
         except Exception as exc:
             telemetry.fault("ledger push", exc)
 
@@ -337,7 +315,13 @@ def _takes(func: Callable[..., Any], names: list[str]) -> bool:
         return False
 
 
-def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
+def _is_current(ctx: Any, kind: str | None) -> bool:
+    """Is ``ctx`` current (a push that raised after it took effect)?"""
+    return current(kind if kind is not None else flaskmodel.kind_of(ctx)) is ctx
+
+
+def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., Any]:
+    """The push hook; ``kind`` None: the kind follows what the context holds."""
     record = _recorder(kind)
 
     if not _takes(original, ["self"]):
@@ -346,7 +330,7 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             try:
                 result = original(self, *args, **kwargs)
             except BaseException:
-                if current(kind) is self:
+                if _is_current(self, kind):
                     record(self, _getframe(1))
                 raise
             record(self, _getframe(1))
@@ -354,8 +338,9 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
 
         return _like(push_any, original)
 
-    counter = _pushes[kind]
-    is_request = kind == telemetry.KIND_REQUEST
+    pushes = _pushes
+    request_kind = telemetry.KIND_REQUEST
+    kind_of = flaskmodel.kind_of
     file_kinds, user = frames.file_kinds, frames.USER
 
     # Flask's own signature, and record() inlined: this runs on every request,
@@ -365,7 +350,7 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             original(self)
         except BaseException:
             # A receiver of appcontext_pushed raised after the context became current.
-            if current(kind) is self:
+            if _is_current(self, kind):
                 record(self, _getframe(1))
             raise
         try:
@@ -376,24 +361,26 @@ def _make_push(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             request = w.request
             frame = _getframe(1)
             code = frame.f_code
+            k = kind if kind is not None else kind_of(self)
             if code is _request_push_code or code is _wsgi_app_code:
                 site = None
-                if is_request and request is not None and request.rule is None:
+                if k == request_kind and request is not None and request.rule is None:
                     request.rule = getattr(getattr(self, "request", None), "url_rule", None)
             elif request is None and file_kinds.get(code.co_filename) == user:
                 site = (code, frame.f_lasti)  # pushed straight from user code: no walk
             else:
                 site = _site_of(frame, request)
-            w.open.append([self, kind, site, _monotonic(), request])
-            next(counter)
+            w.open.append([self, k, site, _monotonic(), request])
+            next(pushes[k])
         except Exception as exc:
             telemetry.fault("ledger push", exc)
 
     return _like(push, original)
 
 
-def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
-    ok = _pops[kind, telemetry.OUTCOME_OK]
+def _make_pop(original: Callable[..., Any], kind: str | None) -> Callable[..., Any]:
+    """The pop hook; ``kind`` None: the kind follows what the context holds."""
+    ok = {k: _pops[k, telemetry.OUTCOME_OK] for k in _KINDS}
     defaults = getattr(original, "__defaults__", None)
 
     if not (_takes(original, ["self", "exc"]) and defaults and len(defaults) == 1):
@@ -408,7 +395,7 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             if record is None:
                 _after_pop(w, self, kind, None, None)
             else:
-                next(ok)
+                next(ok[record[_KIND]])
             return result
 
         return _like(pop_any, original)
@@ -438,7 +425,7 @@ def _make_pop(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
         if record is None:
             _after_pop(w, self, kind, None, None)
         else:
-            next(ok)
+            next(ok[record[_KIND]])
 
     return _like(pop, original)
 
@@ -495,12 +482,6 @@ def _like(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable
     return wrapper
 
 
-_WRONG_MESSAGES = {
-    telemetry.KIND_APP: "Popped wrong app context",
-    telemetry.KIND_REQUEST: "Popped wrong request context",
-}
-
-
 def _keep_site(records: list[list[Any]], ctx: Any, site: Site) -> None:
     """A context pushed twice and popped once stays open because of the other
     push: the push that remains takes this site if Flask made it on the user's
@@ -508,12 +489,6 @@ def _keep_site(records: list[list[Any]], ctx: Any, site: Site) -> None:
     index = _find(records, ctx)
     if index >= 0 and records[index][_SITE] is None:
         records[index][_SITE] = site
-
-
-def _is_wrong_context(exc: BaseException | None, kind: str) -> bool:
-    """Flask's own complaint about this kind (a request context's pop also
-    pops its app context, whose complaint passes through it)."""
-    return isinstance(exc, AssertionError) and str(exc).startswith(_WRONG_MESSAGES[kind])
 
 
 def _find(records: list[list[Any]], ctx: Any) -> int:
@@ -526,7 +501,7 @@ def _find(records: list[list[Any]], ctx: Any) -> int:
 def _after_pop(
     w: Worker,
     ctx: Any,
-    kind: str,
+    kind: str | None,
     record: list[Any] | None,
     exc: BaseException | None,
     where: int | None = None,
@@ -541,16 +516,21 @@ def _after_pop(
         if record is None:
             index = _find(w.open, ctx)
             if index < 0:
-                _pop_elsewhere(w, ctx, kind, exc)
+                _pop_elsewhere(w, ctx, kind or flaskmodel.kind_of(ctx), exc)
                 return
             record = w.open.pop(index)
         else:
             index = len(w.open) if where is None else where  # where the record was
-        wrong = _is_wrong_context(exc, kind)
-        if not (exc is None or wrong or current(kind) is not ctx):
-            # Flask could not pop it (a token from another contextvars Context):
-            # still open, and not a pop.
+        kind = record[_KIND]
+        wrong = flaskmodel.is_wrong_order(exc, kind)
+        if flaskmodel.is_refusal(exc) or not (exc is None or wrong or current(kind) is not ctx):
+            # Flask did not pop it (Flask 3.2 refuses a pop up front; up to 3.1, a
+            # token from another contextvars Context): still open. Only a
+            # wrong-order attempt is counted.
             w.open.insert(min(index, len(w.open)), record)
+            if wrong:
+                next(_pops[kind, telemetry.OUTCOME_WRONG])
+                _log_pop(kind, telemetry.OUTCOME_WRONG)
             return
         next(_pops[kind, telemetry.OUTCOME_WRONG if wrong else telemetry.OUTCOME_OK])
         if wrong:
@@ -765,11 +745,11 @@ def record_current_context(w: Worker) -> None:
     ``CtxGuard(app)`` must still be seen by the middleware.
     """
     known = {id(record[_CTX]) for record in w.open}
-    adopted = []
-    for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):  # oldest first
-        ctx = current(kind)
-        if ctx is not None and id(ctx) not in known:
-            adopted.append([ctx, kind, None, _monotonic(), None])
+    adopted = [
+        [ctx, kind, None, _monotonic(), None]
+        for ctx, kind in flaskmodel.current_contexts()
+        if id(ctx) not in known
+    ]
     w.open[0:0] = adopted
 
 
@@ -827,12 +807,13 @@ def snapshot() -> dict[str, Any]:
 
 def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     """The attributes this module replaces, with their replacements."""
-    from flask.ctx import AppContext, RequestContext
+    import flask
 
-    global _request_push_code
-    _lookup_flask()
-    _request_push_code = getattr(inspect.unwrap(RequestContext.push), "__code__", None)
-    for cls, kind in ((AppContext, telemetry.KIND_APP), (RequestContext, telemetry.KIND_REQUEST)):
+    global _request_push_code, _wsgi_app_code
+    model = flaskmodel.detect()
+    _request_push_code = model.request_push
+    _wsgi_app_code = getattr(inspect.unwrap(flask.Flask.wsgi_app), "__code__", None)
+    for cls, kind in model.classes:
         yield cls, "push", _make_push(cls.push, kind)
         yield cls, "pop", _make_pop(cls.pop, kind)
 

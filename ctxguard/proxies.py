@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
-from . import frames, ledger, telemetry, threads
+from . import flaskmodel, frames, ledger, telemetry, threads
 
 #: The proxies in ``flask.globals``, and the context each one needs.
 PROXIES = (
@@ -140,7 +140,8 @@ def _guarded_merged(
 
     There ``request`` inside an app context without a request finds its
     context and fails in the context's own property: that failure is
-    reported too, and re-raised as it is.
+    reported too, and re-raised as it is. Any other error of the lookup
+    (a session interface's own) is not a context error.
     """
 
     def _get_current_object() -> Any:
@@ -153,7 +154,8 @@ def _guarded_merged(
         try:
             return get_name(obj)
         except RuntimeError as error:
-            _outside(proxy, kind, error)
+            if flaskmodel.kind_of(obj) != kind:
+                _outside(proxy, kind, error)
             raise
 
     return _get_current_object
@@ -233,13 +235,16 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     _lookup_code = getattr(getattr(lookup, "__get__", None), "__code__", None)
     call = vars(lookup).get("__call__") if isinstance(lookup, type) else None
     _lookup_call_code = getattr(call, "__code__", None)
+    # Read from the module's own names: Flask 3.2 answers the deprecated ones
+    # (``request_ctx``) through a module ``__getattr__`` that warns.
+    names = vars(flask.globals)
     messages = {
-        telemetry.KIND_APP: getattr(flask.globals, "_no_app_msg", None),
-        telemetry.KIND_REQUEST: getattr(flask.globals, "_no_req_msg", None),
+        telemetry.KIND_APP: names.get("_no_app_msg"),
+        telemetry.KIND_REQUEST: names.get("_no_req_msg"),
     }
     found = []
     for name, kind in PROXIES:
-        proxy = getattr(flask.globals, name, None)
+        proxy = names.get(name)
         if isinstance(proxy, werkzeug.local.LocalProxy):
             found.append((name, kind, proxy, object.__getattribute__(proxy, "_get_current_object")))
     app_vars = {

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from flask.globals import _cv_app, _cv_request
+from helpers import reset_contexts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -116,17 +116,7 @@ def global_telemetry() -> GlobalTelemetry:
 
 def _clear_flask_contexts() -> None:
     """Pop whatever a test left current, without ctxguard's hooks."""
-    for var in (_cv_request, _cv_app):
-        for _ in range(100):
-            ctx = var.get(None)
-            if ctx is None:
-                break
-            tokens = getattr(ctx, "_cv_tokens", None)
-            if tokens:
-                token = tokens.pop()
-                var.reset(token[0] if isinstance(token, tuple) else token)
-            else:
-                break
+    reset_contexts()
 
 
 @pytest.fixture(autouse=True)

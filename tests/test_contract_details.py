@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app, request
-from flask.ctx import AppContext, RequestContext
-from helpers import call, environ, line_of, make_app
+from flask.ctx import AppContext
+from helpers import CONTEXT_CLASSES, call, environ, line_of, make_app
 
 import ctxguard
 
@@ -342,7 +342,7 @@ def test_the_import_time_hint_is_for_module_level_code_only(telemetry, tmp_path,
 def wrapped_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
     """``push``/``pop`` of both context classes replaced by another library's ``*args``
     wrappers before ctxguard is installed, as instrumentation libraries do."""
-    for cls in (AppContext, RequestContext):
+    for cls in CONTEXT_CLASSES:
         for name in ("push", "pop"):
             monkeypatch.setattr(cls, name, _passing_through(getattr(cls, name)))
 

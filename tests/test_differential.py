@@ -85,7 +85,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from flask.globals import _cv_app, _cv_request
+from helpers import reset_contexts, without_ids
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.test import EnvironBuilder
@@ -136,12 +136,9 @@ def short(exc: BaseException | None) -> tuple[str, str] | None:
     return None if exc is None else (type(exc).__name__, masked(exc))
 
 
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
-
-
 def masked(value: object) -> str:
     """``str(value)`` without memory addresses (two runs never share them)."""
-    return _ADDRESS.sub("0x?", str(value))
+    return without_ids(str(value))
 
 
 def build(mode: str, tmp: Path) -> DiffApp:
@@ -1676,21 +1673,7 @@ def cli_command(app: DiffApp, probe: Probe) -> None:
 
 def _clear_contexts() -> list[str]:
     """Pop whatever is current, without any hooks; say what was left."""
-    left = []
-    for kind, var in (("request", _cv_request), ("app", _cv_app)):
-        for _ in range(100):
-            ctx = var.get(None)
-            tokens = getattr(ctx, "_cv_tokens", None)
-            if ctx is None or not tokens:
-                break
-            left.append(kind)
-            token = tokens.pop()
-            try:
-                var.reset(token[0] if isinstance(token, tuple) else token)
-            except ValueError:
-                left.append(f"{kind}: not resettable here")
-                break
-    return left
+    return reset_contexts()
 
 
 class _Records(logging.Handler):

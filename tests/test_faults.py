@@ -17,8 +17,8 @@ from typing import Any
 import flask
 import pytest
 from flask import Config, Flask, appcontext_pushed
-from flask.globals import _cv_app, _cv_request
-from helpers import environ, line_of, make_app
+from flask.globals import _cv_app
+from helpers import CONTEXT_VARS, environ, line_of, make_app
 from opentelemetry.metrics import NoOpCounter, NoOpMeter, NoOpMeterProvider
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
@@ -239,7 +239,7 @@ def seen_by_client(wsgi_app: Any, path: str = "/", **extra: Any) -> tuple[Any, .
 
 def pop_leftovers() -> None:
     """Pop whatever a scenario left current, so the next run starts clean."""
-    for var in (_cv_request, _cv_app):
+    for var in CONTEXT_VARS:
         for _ in range(20):
             ctx = var.get(None)
             if ctx is None:

@@ -15,20 +15,14 @@ from typing import Any
 
 import flask
 import pytest
-from flask.ctx import AppContext, RequestContext
-from helpers import call, line_of, make_app
+from helpers import CONTEXT_CLASSES, call, line_of, make_app
 
 import ctxguard
 
 PUSHES = "ctxguard.context.pushes"
 LEAKS = "ctxguard.context.leaks"
 APP = {"ctxguard.context.kind": "app"}
-HOOKED = [
-    (AppContext, "push"),
-    (AppContext, "pop"),
-    (RequestContext, "push"),
-    (RequestContext, "pop"),
-]
+HOOKED = [(cls, name) for cls in CONTEXT_CLASSES for name in ("push", "pop")]
 
 
 def patched_objects() -> list[Any]:

@@ -12,7 +12,13 @@ from typing import Any
 import flask
 import pytest
 from flask import Flask, current_app
-from helpers import call, environ, line_of, make_app
+from helpers import (
+    CONTEXT_CLASSES,
+    call,
+    environ,
+    line_of,
+    make_app,
+)
 
 import ctxguard
 
@@ -271,7 +277,6 @@ LEAKS = "ctxguard.context.leaks"
 
 def wrap_push_and_pop(monkeypatch) -> None:
     """Another library wraps Flask's push and pop (with a signature of its own)."""
-    from flask.ctx import AppContext, RequestContext
 
     def wrap(method):
         @functools.wraps(method)
@@ -280,7 +285,7 @@ def wrap_push_and_pop(monkeypatch) -> None:
 
         return wrapper
 
-    for cls in (AppContext, RequestContext):
+    for cls in CONTEXT_CLASSES:
         monkeypatch.setattr(cls, "push", wrap(cls.push))
         monkeypatch.setattr(cls, "pop", wrap(cls.pop))
 
@@ -902,9 +907,7 @@ def test_the_hooked_push_and_pop_look_like_the_methods_they_replace(telemetry, h
     module, docstring and signature, and unwraps them to the same function."""
     import inspect
 
-    from flask.ctx import AppContext, RequestContext
-
-    replaced = [(cls, name) for cls in (AppContext, RequestContext) for name in ("push", "pop")]
+    replaced = [(cls, name) for cls in CONTEXT_CLASSES for name in ("push", "pop")]
     before = {key: getattr(*key) for key in replaced}
     ctxguard.install(**telemetry.providers)
     for key, original in before.items():

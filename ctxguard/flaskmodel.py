@@ -1,0 +1,137 @@
+"""Flask's context model, detected once at install: the one module that knows
+how Flask versions differ.
+
+Up to Flask 3.1 a request has two contexts: a ``RequestContext`` (context
+variable ``_cv_request``) that pushes an ``AppContext`` (``_cv_app``) under
+it, or reuses the one already pushed. Flask 3.2 merges them: one
+``AppContext`` class, one context variable, and a context holds a request or
+not (``RequestContext`` and ``request_ctx`` remain as deprecated aliases,
+which ctxguard never touches: reading them warns).
+
+Everything is detected from what the installed Flask has, never from its
+version number, so a Flask release is supported by what it does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from . import telemetry
+
+#: Flask 3.2's refusal of a pop, raised before anything changes.
+_REFUSED = "Cannot pop this context ("
+_NOT_ACTIVE = "), it is not the active context ("
+#: Flask up to 3.1: raised after the pop reset the context variable past
+#: the contexts pushed after this one.
+_WRONG_MESSAGES = {
+    telemetry.KIND_APP: "Popped wrong app context",
+    telemetry.KIND_REQUEST: "Popped wrong request context",
+}
+
+
+class Model:
+    """What ctxguard hooks and reads in the installed Flask.
+
+    ``classes``: each context class, once, with the kind of context it makes
+    (``None``: the kind follows what the context holds, Flask 3.2).
+    ``request_push``: the code of Flask's own push of an app context on a
+    request's behalf (up to 3.1, ``RequestContext.push``), or None.
+    """
+
+    __slots__ = ("classes", "merged", "request_push", "variables")
+
+    def __init__(self) -> None:
+        import flask.ctx
+        import flask.globals
+
+        ctx_names = vars(flask.ctx)
+        global_names = vars(flask.globals)
+        app_context = ctx_names["AppContext"]
+        request_context = ctx_names.get("RequestContext")
+        app_var = global_names.get("_cv_app")
+        request_var = global_names.get("_cv_request")
+        self.merged = request_context is None or request_context is app_context
+        self.classes: tuple[tuple[type, str | None], ...]
+        if self.merged:
+            self.classes = ((app_context, None),)
+            self.variables = {telemetry.KIND_APP: app_var, telemetry.KIND_REQUEST: app_var}
+            self.request_push = None
+        else:
+            self.classes = (
+                (app_context, telemetry.KIND_APP),
+                (request_context, telemetry.KIND_REQUEST),
+            )
+            self.variables = {telemetry.KIND_APP: app_var, telemetry.KIND_REQUEST: request_var}
+            self.request_push = getattr(inspect.unwrap(request_context.push), "__code__", None)
+
+
+_model: Model | None = None
+
+
+def detect() -> Model:
+    """Look the installed Flask's model up (at install: Flask is imported by then)."""
+    global _model
+    _model = Model()
+    return _model
+
+
+def merged() -> bool:
+    """Does one context class hold both the app and the request (Flask 3.2)?"""
+    return _model is not None and _model.merged
+
+
+def kind_of(ctx: Any) -> str:
+    """The kind of a context of the merged model: ``request`` if it holds one."""
+    return telemetry.KIND_REQUEST if getattr(ctx, "has_request", False) else telemetry.KIND_APP
+
+
+def current(kind: str) -> Any:
+    """The context of this kind current on this worker, or None.
+
+    On the merged model the app context is current in a request too, and the
+    request context is the current context if it holds a request.
+    """
+    model = _model
+    var = model.variables.get(kind) if model is not None else None
+    if var is None:
+        return None
+    try:
+        ctx = var.get(None)
+        if ctx is not None and model.merged and kind == telemetry.KIND_REQUEST:  # type: ignore[union-attr]
+            return ctx if kind_of(ctx) == kind else None
+        return ctx
+    except Exception:
+        return None
+
+
+def current_contexts() -> list[tuple[Any, str]]:
+    """The contexts current on this worker with their kinds, oldest first."""
+    if merged():
+        ctx = current(telemetry.KIND_APP)
+        return [] if ctx is None else [(ctx, kind_of(ctx))]
+    found = []
+    for kind in (telemetry.KIND_APP, telemetry.KIND_REQUEST):
+        ctx = current(kind)
+        if ctx is not None:
+            found.append((ctx, kind))
+    return found
+
+
+def is_refusal(exc: BaseException | None) -> bool:
+    """Did Flask refuse the pop before changing anything (Flask 3.2)?"""
+    return isinstance(exc, RuntimeError) and str(exc).startswith(_REFUSED)
+
+
+def is_wrong_order(exc: BaseException | None, kind: str) -> bool:
+    """Flask's complaint that this context is not the current one.
+
+    Up to 3.1 an ``AssertionError`` of this kind, raised after the pop (a
+    request context's pop also pops its app context, whose complaint passes
+    through it). On 3.2 the ``RuntimeError`` refusing it, the pop not done.
+    Both messages hold the contexts' ``repr`` (the request's URL): they are
+    read here, never logged.
+    """
+    if isinstance(exc, AssertionError):
+        return str(exc).startswith(_WRONG_MESSAGES[kind])
+    return is_refusal(exc) and _NOT_ACTIVE in str(exc)
