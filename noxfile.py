@@ -1,10 +1,11 @@
 """The test matrix: every supported Python against every supported Flask.
 
     pip install -e ".[dev]"     # brings nox
-    nox                         # lint + all 12 test sessions
+    nox                         # lint, the 12 test sessions, flask-main on each Python
     nox -s tests                # the 12 test sessions
     nox -s "tests-3.10(flask='2.3')"   # one of them
     nox -s lint
+    nox -s flask-main           # Flask's next release, from the snapshot beside the repo
 
 The interpreters come from pyenv. Only one of them is pyenv's global version,
 so the others' ``pythonX.Y`` shims refuse to run; the newest installed patch
@@ -22,13 +23,21 @@ import nox
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 # Each Flask series is tested with the Werkzeug series released with it.
 WERKZEUG_FOR_FLASK = {"2.3": "2.3", "3.0": "3.0", "3.1": "3.1"}
+# Flask's next release (3.2), not on PyPI yet: a source snapshot of its main branch
+# kept beside the repository, with the Werkzeug it needs. The day 3.2 is released it
+# becomes ``"3.2": "3.1"`` above and the flask-main sessions go: ctxguard tells the
+# context models apart by what Flask has, never by its version.
+FLASK_MAIN_GLOB = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "vendor", "flask-main-*.tar.gz"
+)
+WERKZEUG_FOR_FLASK_MAIN = "werkzeug>=3.1"
 
 SHOW_VERSIONS = (
     "import sys, importlib.metadata as m; print('python', sys.version.split()[0],"
     " 'flask', m.version('flask'), 'werkzeug', m.version('werkzeug'))"
 )
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "flask-main"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -62,6 +71,34 @@ def tests(session: nox.Session, flask: str) -> None:
     session.run("python", "-c", SHOW_VERSIONS)
     # pytest exits 5 when it collected no test: nox treats that as a failure.
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+def _flask_main(session: nox.Session) -> str:
+    """The snapshot of Flask's main branch (the newest, if several are there)."""
+    found = sorted(glob.glob(FLASK_MAIN_GLOB), key=os.path.getmtime)
+    if not found:
+        session.error(f"no snapshot of Flask's main branch at {FLASK_MAIN_GLOB}")
+    return os.path.normpath(found[-1])
+
+
+@nox.session(name="flask-main", python=PYTHONS)
+def flask_main(session: nox.Session) -> None:
+    """The whole suite on the snapshot of Flask's main branch (Flask 3.2 in development)."""
+    session.install("-e", ".[test]", _flask_main(session), WERKZEUG_FOR_FLASK_MAIN)
+    session.run("python", "-c", SHOW_VERSIONS)
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(name="peer-flask-main", python="3.11")
+def peer_flask_main(session: nox.Session) -> None:
+    """The peer suites on the snapshot of Flask's main branch: Flask's own tests from the
+    snapshot, the extensions' from their sdists, without ctxguard and with it."""
+    snapshot = _flask_main(session)
+    session.install("-e", ".[test,peer]")
+    # After the extra: the snapshot replaces the Flask it brought.
+    session.install(snapshot, WERKZEUG_FOR_FLASK_MAIN)
+    session.run("python", "-c", SHOW_VERSIONS)
+    session.run("python", "tests/peer/run.py", f"--sdist=flask={snapshot}", *session.posargs)
 
 
 @nox.session(python="3.11")

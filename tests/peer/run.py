@@ -146,6 +146,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         " to compare with: only collection reports are checked",
     )
     parser.add_argument(
+        "--sdist",
+        action="append",
+        default=[],
+        metavar="SUITE=PATH",
+        help="take this suite's tests from a local source archive (a development"
+        " snapshot, as installed) instead of its sdist from PyPI (repeatable)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=min(2, os.cpu_count() or 1),
@@ -179,6 +187,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     args.suite = args.suite or list(SUITES)
     args.mode = [mode for mode in MODES if mode in (args.mode or MODES)]
     args.cache_dir = args.cache_dir.resolve()
+    local = {}
+    for item in args.sdist:
+        name, sep, path = item.partition("=")
+        if not sep or name not in SUITES or not Path(path).is_file():
+            parser.error(f"--sdist {item}: expected SUITE=PATH, an existing archive of a known suite")
+        local[name] = Path(path).resolve()
+    args.sdist = local
     args.output = (args.output or args.cache_dir / "results.json").resolve()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -346,7 +361,7 @@ def prepare(args: argparse.Namespace) -> list[Run]:
                 f"peer: {suite.distribution} {installed} is installed, but its {version} tests"
                 " are run against it: pip install -e '.[test,peer]'"
             )
-        archive = fetch_sdist(suite, version, args.cache_dir)
+        archive = args.sdist.get(name) or fetch_sdist(suite, version, args.cache_dir)
         folder = args.cache_dir / "work" / f"{suite.name}-{version}"
         for mode in args.mode:
             tree = extract(archive, folder / mode)
