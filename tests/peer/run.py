@@ -191,7 +191,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     for item in args.sdist:
         name, sep, path = item.partition("=")
         if not sep or name not in SUITES or not Path(path).is_file():
-            parser.error(f"--sdist {item}: expected SUITE=PATH, an existing archive of a known suite")
+            parser.error(f"--sdist {item}: expected SUITE=PATH, an archive of a known suite")
         local[name] = Path(path).resolve()
     args.sdist = local
     args.output = (args.output or args.cache_dir / "results.json").resolve()
