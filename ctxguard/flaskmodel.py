@@ -14,6 +14,8 @@ version number, so a Flask release is supported by what it does.
 
 from __future__ import annotations
 
+import builtins
+import contextvars
 import inspect
 from typing import Any
 
@@ -105,6 +107,29 @@ def current(kind: str) -> Any:
         return None
 
 
+def request_context() -> Any:
+    """The innermost context on this worker that holds a request, or None.
+
+    Up to 3.1 that is the current request context, even under an app context
+    a view pushed. On 3.2 an app context pushed in a view hides the request
+    (``request`` fails there), so the contexts under the current one are
+    looked through, as Flask stacked them.
+    """
+    if not merged():
+        return current(telemetry.KIND_REQUEST)
+    ctx = current(telemetry.KIND_APP)
+    for _ in range(_DEPTH):
+        if ctx is None or kind_of(ctx) == telemetry.KIND_REQUEST:
+            return ctx
+        below = getattr(getattr(ctx, "_cv_token", None), "old_value", None)
+        ctx = None if below is contextvars.Token.MISSING else below
+    return None
+
+
+#: How far ``request_context`` looks down: nesting deeper than this is not a view's.
+_DEPTH = 32
+
+
 def current_contexts() -> list[tuple[Any, str]]:
     """The contexts current on this worker with their kinds, oldest first."""
     if merged():
@@ -116,6 +141,24 @@ def current_contexts() -> list[tuple[Any, str]]:
         if ctx is not None:
             found.append((ctx, kind))
     return found
+
+
+_GROUP = getattr(builtins, "BaseExceptionGroup", None)
+#: Flask 3.2 (on Python 3.11+) runs every teardown function and raises their errors
+#: together, in groups of its own (context, app, request teardown) nested in each other.
+_TEARDOWN_GROUPS = frozenset(
+    f"Errors during {what} teardown" for what in ("context", "app", "request")
+)
+
+
+def raised_names(exc: BaseException) -> str:
+    """The type names of what the user's teardown functions raised through a pop.
+
+    Names only: a message can hold request data.
+    """
+    if _GROUP is not None and isinstance(exc, _GROUP) and exc.message in _TEARDOWN_GROUPS:
+        return ", ".join(raised_names(error) for error in exc.exceptions)
+    return type(exc).__qualname__
 
 
 def is_refusal(exc: BaseException | None) -> bool:

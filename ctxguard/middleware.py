@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import GeneratorType
 from typing import Any
 
-from . import frames, leaks, ledger, policy, process, settings, telemetry, threads
+from . import flaskmodel, frames, leaks, ledger, policy, process, settings, telemetry, threads
 from .ledger import RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
@@ -396,7 +396,7 @@ def _heal(w: Worker) -> None:
             telemetry.log_event(
                 ("heal", item.kind, item.site),
                 "ctxguard: a teardown function raised %s while healing a stale %s context",
-                type(exc).__qualname__,
+                flaskmodel.raised_names(exc),
                 item.kind,
             )
         remaining = {id(other.handle) for other in ledger.open_contexts(w, prune=False)}

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FunctionType, MethodType
 from typing import Any
 
-from . import leaks, ledger, telemetry
+from . import flaskmodel, leaks, ledger, telemetry
 from .ledger import RequestInfo, Worker
 
 #: The module of the executor's own worker loop: its threads carry no origin.
@@ -131,7 +131,7 @@ def origin_of(w: Worker) -> RequestInfo | Origin | None:
 
 def _capture() -> tuple[Origin | None, Any]:
     """The request handing work over (if any), and the app to propagate."""
-    ctx = ledger.current(telemetry.KIND_REQUEST)
+    ctx = flaskmodel.request_context()
     if ctx is None:
         return None, None
     origin = Origin(getattr(ctx, "request", None), telemetry.current_span_context())
@@ -177,7 +177,7 @@ def _exit(state: _State | None, site: str) -> None:
                     ("propagated teardown", site),
                     "ctxguard: a teardown function raised %s while popping the propagated"
                     " app context",
-                    type(exc).__qualname__,
+                    flaskmodel.raised_names(exc),
                 )
         if telemetry.pending:
             telemetry.drain_if_safe(sys._getframe(1))

@@ -22,7 +22,8 @@ from typing import Any
 import flask
 import flask.globals
 import pytest
-from flask import Flask, current_app, request
+from flask import Flask, current_app, request, session
+from flask.sessions import SecureCookieSessionInterface
 from flask_sqlalchemy import SQLAlchemy
 from helpers import MERGED, call, line_of, make_app
 from opentelemetry.metrics import NoOpMeter, NoOpMeterProvider
@@ -38,6 +39,10 @@ ERRORS = "ctxguard.context.errors"
 ERROR_SPAN = "ctxguard.context_error"
 NO_APP = flask.globals._no_app_msg
 NO_REQUEST = flask.globals._no_req_msg
+#: ``request`` or ``session`` inside an app context that holds no request: up to Flask 3.1
+#: no request context is found (Werkzeug's unbound message); Flask 3.2 finds the app
+#: context, whose own property raises.
+NO_REQUEST_IN_APP_CONTEXT = "There is no request in this context." if MERGED else NO_REQUEST
 #: The hint for an app proxy where no app context exists and no request started the work;
 #: the other app hints also mention ``with app.app_context():``, so the whole is compared.
 NO_APP_CONTEXT_HINT = (
@@ -507,12 +512,110 @@ def test_hint_for_request_inside_an_app_context_without_a_request(telemetry):
     ctxguard.install(**telemetry.providers)
     with app.app_context(), pytest.raises(RuntimeError) as info:
         _ = request.args  # touch: app context only
-    assert str(info.value) == NO_REQUEST
+    assert str(info.value) == NO_REQUEST_IN_APP_CONTEXT
     attrs = one_error(telemetry)
     assert attrs["ctxguard.proxy"] == "request"
     assert attrs["ctxguard.context.kind"] == "request"
     assert attrs["code.line.number"] == marker_line("app context only")
     assert "application context here but no request" in attrs["ctxguard.hint"]
+
+
+def test_request_and_session_in_an_app_context_without_a_request(telemetry):
+    """``request`` and ``session`` used inside ``with app.app_context():`` (no request) give
+    the user Flask's own error unchanged (on Flask 3.2 the app context's own "There is no
+    request in this context."; up to 3.1 "Working outside of request context"), and each
+    is counted once as an error of kind ``request``, with the hint that there is an
+    application context here but no request."""
+    app = make_app(SECRET_KEY="not-a-secret")
+
+    uses = {
+        "request": lambda: request.args,  # touch: request without a request
+        "session": lambda: session.get("user"),  # touch: session without a request
+    }
+
+    def use(name: str) -> RuntimeError:
+        with app.app_context(), pytest.raises(RuntimeError) as info:
+            uses[name]()
+        return info.value
+
+    expected = {name: use(name) for name in ("request", "session")}  # Flask alone
+    ctxguard.install(**telemetry.providers)
+    for name in ("request", "session"):
+        error = use(name)
+        assert type(error) is type(expected[name]) is RuntimeError
+        assert str(error) == str(expected[name]) == NO_REQUEST_IN_APP_CONTEXT
+        assert error.__cause__ is None
+        assert error.__suppress_context__ is expected[name].__suppress_context__
+
+    spans = telemetry.spans(ERROR_SPAN)
+    assert [s.attributes["ctxguard.proxy"] for s in spans] == ["request", "session"]
+    for span, name in zip(spans, ("request", "session"), strict=True):
+        assert span.attributes["ctxguard.context.kind"] == "request"
+        assert span.attributes["ctxguard.worker.kind"] == "main"
+        assert span.attributes["code.line.number"] == marker_line(f"{name} without a request")
+        assert "application context here but no request" in span.attributes["ctxguard.hint"]
+        (event,) = span.events
+        assert event.attributes["exception.message"] == NO_REQUEST_IN_APP_CONTEXT
+    for name in ("request", "session"):
+        counted = {
+            "ctxguard.proxy": name,
+            "ctxguard.context.kind": "request",
+            "ctxguard.worker.kind": "main",
+        }
+        assert telemetry.value(ERRORS, counted) == 1
+    assert telemetry.value(ERRORS) == 2
+
+
+class FailingSessionStore(SecureCookieSessionInterface):
+    """An app's session interface whose store is down: ``open_session`` raises a
+    ``RuntimeError`` of the app's own."""
+
+    def __init__(self) -> None:
+        self.raised: list[RuntimeError] = []
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        error = RuntimeError("session store unavailable")
+        self.raised.append(error)
+        raise error
+
+
+def test_a_session_interface_failing_inside_a_request_is_not_a_context_error(telemetry):
+    """A ``RuntimeError`` that the app's own session interface raises while opening the
+    session of a request is the app's error, not a context error: the app's error handler
+    gets it (or Flask's own complaint) unchanged, the response is the handler's, and
+    ctxguard counts and traces nothing (the session proxy is reported only where the
+    context holds no request)."""
+    app = make_app(SECRET_KEY="not-a-secret")
+    store = FailingSessionStore()
+    app.session_interface = store
+    seen: list[BaseException] = []
+
+    @app.errorhandler(500)
+    def store_down(error: Any) -> Any:
+        try:
+            session.get("user")  # touch: failing session store
+        except Exception as exc:
+            seen.append(exc)
+        return "store down", 503
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    response = app.test_client().get("/")
+
+    assert (response.status_code, response.data) == (503, b"store down")
+    (error,) = seen
+    if MERGED:
+        # Flask 3.2 opens the session again when ``session`` is used after the open
+        # at push failed: the store's very error reaches the handler through the proxy,
+        # inside the request's context.
+        assert error is store.raised[1]
+        assert str(error) == "session store unavailable"
+    else:
+        # Up to 3.1 a failed open is never retried: ``session`` fails in Flask's own
+        # way, without asking the store again.
+        assert store.raised[1:] == []
+        assert error not in store.raised
+    assert telemetry.value(ERRORS) == 0
+    assert telemetry.spans(ERROR_SPAN) == []
 
 
 @pytest.mark.parametrize("how", ["file", "-c"])
@@ -554,7 +657,7 @@ def test_hint_for_request_typed_in_an_interactive_shell(telemetry):
         )
     assert incomplete is False
     (error,) = shell.locals["caught"]
-    assert str(error) == NO_REQUEST
+    assert str(error) == NO_REQUEST_IN_APP_CONTEXT
     attrs = one_error(telemetry)
     assert attrs["ctxguard.proxy"] == "request"
     assert attrs["code.function.name"] == "<module>"
@@ -613,7 +716,7 @@ def test_worker_kind_cli(telemetry):
     result = app.test_cli_runner().invoke(args=["export"])
 
     assert isinstance(result.exception, RuntimeError)
-    assert str(result.exception) == NO_REQUEST
+    assert str(result.exception) == NO_REQUEST_IN_APP_CONTEXT
     attrs = one_error(telemetry)
     assert attrs["ctxguard.worker.kind"] == "cli"
     assert attrs["ctxguard.proxy"] == "request"
@@ -767,6 +870,8 @@ def flask32(monkeypatch: pytest.MonkeyPatch) -> tuple[ContextVar[Any], dict[str,
         "request": LocalProxy(cv, "request", unbound_message=NO_REQUEST),
         "session": LocalProxy(cv, "session", unbound_message=NO_REQUEST),
     }
+    if MERGED:  # the real Flask 3.2: ``request_ctx`` is only a deprecated alias (it warns)
+        del proxies["request_ctx"]
     for name, value in proxies.items():
         monkeypatch.setattr(flask.globals, name, value)
     return cv, proxies

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from types import FunctionType
 from typing import Any
 
+import flask.ctx
+import flask.globals
 import pytest
 from flask import (
     Flask,
@@ -28,16 +30,21 @@ from flask import (
     make_response,
     request,
 )
-from helpers import call, line_of
+from helpers import MERGED, REQUEST_PUSHES, call, context_kind, line_of
 
 import ctxguard
 
 ERRORS = "ctxguard.context.errors"
 LEAKS = "ctxguard.context.leaks"
+PUSHES = "ctxguard.context.pushes"
+POPS = "ctxguard.context.pops"
+OPEN = "ctxguard.context.open"
 ERROR_SPAN = "ctxguard.context_error"
 LEAK_SPAN = "ctxguard.context_leak"
 ROUTE = "/items/<int:item_id>"
 OUTSIDE_REQUEST = "Working outside of request context."
+#: Flask 3.2's error for ``request`` in an app context that holds no request.
+NO_REQUEST_IN_CONTEXT = "There is no request in this context."
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -117,6 +124,24 @@ def assert_outside_request_error(error: BaseException) -> None:
     assert type(error) is RuntimeError
     assert str(error).startswith(OUTSIDE_REQUEST)
     assert error.__cause__ is None and error.__suppress_context__
+
+
+def assert_no_request_in_app_context_error(error: BaseException) -> None:
+    """``request`` read where an app context holds no request: the user gets Flask's very
+    error. Up to Flask 3.1 no request context is found (Werkzeug's error); Flask 3.2 finds
+    the app context, whose own ``request`` property raises."""
+    if not MERGED:
+        assert_outside_request_error(error)
+        return
+    assert type(error) is RuntimeError
+    assert str(error) == NO_REQUEST_IN_CONTEXT
+    assert error.__cause__ is None
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb is not None
+    code = tb.tb_frame.f_code
+    assert (code.co_filename, code.co_name) == (flask.ctx.__file__, "request")
 
 
 # --------------------------------------------------------------------------
@@ -230,6 +255,76 @@ def test_no_link_when_no_span_was_active(telemetry):
     (span,) = telemetry.spans(ERROR_SPAN)
     assert list(span.links) == []
     assert span.attributes["http.route"] == ROUTE
+
+
+def assert_origin_kept(telemetry: Any, worker_kind: str, request_span: Any) -> None:
+    """The only error is the spawned work's, reported with the request that started it."""
+    (span,) = telemetry.spans(ERROR_SPAN)
+    attrs = dict(span.attributes)
+    assert attrs["ctxguard.proxy"] == "request"
+    assert attrs["ctxguard.context.kind"] == "request"
+    assert attrs["ctxguard.worker.kind"] == worker_kind
+    assert attrs["http.route"] == ROUTE
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["code.line.number"] == line_of(__file__, "# touch: " + "request")
+    assert "outlives the request" in attrs["ctxguard.hint"]
+    (link,) = span.links
+    assert link.context.trace_id == request_span.trace_id
+    assert link.context.span_id == request_span.span_id
+    counted = {
+        "ctxguard.proxy": "request",
+        "ctxguard.context.kind": "request",
+        "ctxguard.worker.kind": worker_kind,
+        "http.route": ROUTE,
+    }
+    assert telemetry.value(ERRORS, counted) == 1
+    assert telemetry.value(ERRORS) == 1
+
+
+@pytest.mark.parametrize("how", ["thread", "executor"])
+def test_work_started_in_a_request_keeps_its_origin_on_either_context_model(telemetry, how):
+    """A thread or an executor task started while a request is served keeps that request
+    as its origin whichever context model Flask has (up to 3.1 the request has a request
+    context of its own; on 3.2 it is held by the app context): its error has worker kind
+    thread or executor, the request's route and method, the "outlives the request" hint,
+    and a link to the request's span (the server span current while the app ran)."""
+    spawn, worker_kind = SPAWNERS[how]
+    seen: dict[str, Any] = {}
+    app = spawning_app(spawn, seen)
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    tracer = telemetry.tracer_provider.get_tracer("server")
+
+    with tracer.start_as_current_span("GET " + ROUTE) as server:
+        assert app.test_client().get("/items/7").status_code == 200
+
+    assert_outside_request_error(seen["error"])
+    assert_origin_kept(telemetry, worker_kind, server.get_span_context())
+
+
+@pytest.mark.parametrize("how", ["thread", "executor"])
+def test_work_started_under_an_app_context_a_view_pushed_keeps_the_requests_origin(telemetry, how):
+    """A view (or a helper it calls) that opens ``with app.app_context():`` and starts work
+    in it: the work is still started by the request being served, and keeps it as its
+    origin whichever context model Flask has (on 3.2 the app context on top holds no
+    request; up to 3.1 the request's context stays current beneath it)."""
+    spawn, worker_kind = SPAWNERS[how]
+    seen: dict[str, Any] = {}
+    app = Flask("nested")
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        with app.app_context():
+            spawn(seen)
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    tracer = telemetry.tracer_provider.get_tracer("server")
+
+    with tracer.start_as_current_span("GET " + ROUTE) as server:
+        assert app.test_client().get("/items/7").status_code == 200
+
+    assert_outside_request_error(seen["error"])
+    assert_origin_kept(telemetry, worker_kind, server.get_span_context())
 
 
 # --------------------------------------------------------------------------
@@ -539,7 +634,7 @@ def test_propagate_app_gives_spawned_work_an_app_context(telemetry):
     assert seen["app"] is app
     assert seen["g"] == "from thread"
     assert seen["task app"] == "propagating"
-    assert_outside_request_error(seen["request"])
+    assert_no_request_in_app_context_error(seen["request"])
     assert ("propagated", "from thread") in seen["torn_down"]
     assert (threading.current_thread().name, "from view") in seen["torn_down"]
 
@@ -569,6 +664,51 @@ def test_without_propagate_current_app_fails_in_the_thread(telemetry):
     assert [name for name, _ in seen["torn_down"]] == [threading.current_thread().name]
     assert telemetry.value(ERRORS, {"ctxguard.proxy": "current_app"}) == 2
     assert telemetry.value(ERRORS, {"ctxguard.proxy": "request"}) == 1
+
+
+def test_propagate_app_pushes_an_app_context_on_either_context_model(telemetry):
+    """``propagate="app"`` works whichever context model Flask has: the context a spawned
+    thread gets holds the app and no request, and is counted as a push and an ``ok`` pop
+    of kind ``app`` (next to the request's own pushes); the leak check at the thread's end
+    reports nothing for it, nothing stays open, and the app's teardown runs in the thread
+    with the thread's ``g``."""
+    app = Flask("propagating")
+    seen: dict[str, Any] = {"torn_down": []}
+
+    @app.teardown_appcontext
+    def teardown(exc: BaseException | None) -> None:
+        seen["torn_down"].append((threading.current_thread().name, g.get("marker")))
+
+    def background() -> None:
+        ctx = flask.globals._cv_app.get()
+        seen["context"] = (context_kind(ctx), ctx.app)
+        g.marker = "from thread"
+
+    @app.route(ROUTE)
+    def show_item(item_id: int) -> str:
+        thread = threading.Thread(target=background, name="propagated")
+        thread.start()
+        thread.join()
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", propagate="app", **telemetry.providers)
+    assert app.test_client().get("/items/2").status_code == 200
+
+    assert seen["context"] == ("app", app)
+    assert ("propagated", "from thread") in seen["torn_down"]
+    expected = dict(REQUEST_PUSHES)  # the request's own pushes differ by model
+    expected["app"] = expected.get("app", 0) + 1  # and the thread's
+    for kind in ("app", "request"):
+        counted = {"ctxguard.context.kind": kind}
+        assert telemetry.value(PUSHES, counted) == expected.get(kind, 0), kind
+        assert telemetry.value(POPS, {**counted, "ctxguard.pop.outcome": "ok"}) == expected.get(
+            kind, 0
+        ), kind
+        assert telemetry.value(OPEN, counted) == 0, kind
+    assert telemetry.value(POPS) == sum(expected.values())
+    assert telemetry.value(LEAKS) == 0
+    assert telemetry.spans() == []
+    assert ctxguard.snapshot()["workers"] == []
 
 
 def test_propagate_from_the_environment(telemetry, monkeypatch):
@@ -789,7 +929,7 @@ def test_thread_started_while_installed_and_run_after_uninstall_reports_nothing(
 
     assert not started[0].is_alive()
     assert type(seen["app"]) is RuntimeError
-    assert_outside_request_error(seen["error"])
+    assert_no_request_in_app_context_error(seen["error"])  # late_work pushed an app context
     assert global_telemetry.spans() == []
     assert global_telemetry.value(ERRORS) == 0
     assert global_telemetry.value(LEAKS) == 0
@@ -823,7 +963,7 @@ def test_task_queued_while_installed_and_run_after_uninstall_reports_nothing(
         assert queued[0].result(10) is None
 
     assert type(seen["app"]) is RuntimeError
-    assert_outside_request_error(seen["error"])
+    assert_no_request_in_app_context_error(seen["error"])  # late_work pushed an app context
     assert global_telemetry.spans() == []
     assert global_telemetry.value(ERRORS) == 0
     assert global_telemetry.value(LEAKS) == 0

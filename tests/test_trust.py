@@ -819,16 +819,29 @@ def test_leak_spans_link_to_the_request_they_belong_to(telemetry):
         return "started"
 
     ctxguard.CtxGuard(app, **telemetry.providers)
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         call(app, "/leak")  # Flask's own complaint about the view's push
     call(app, "/thread")
-    leaks = {s.attributes["ctxguard.leak.site"]: s for s in telemetry.spans(LEAK_SPAN)}
-    assert set(leaks) == {"request_end", "thread_exit"}
-    for site, name in (("request_end", "leak"), ("thread_exit", "thread")):
-        (link,) = leaks[site].links
-        assert link.context.span_id == spans[name].span_id
-        assert link.context.trace_id == spans[name].trace_id
-        assert leaks[site].parent is None
+    found = sorted(
+        (
+            (s.attributes["ctxguard.leak.site"], s.attributes["ctxguard.context.kind"], s)
+            for s in telemetry.spans(LEAK_SPAN)
+        ),
+        key=lambda item: item[:2],
+    )
+    expected = [("request_end", "app"), ("thread_exit", "app")]
+    if MERGED:
+        # Flask 3.2 refuses wsgi_app's pop of the request's own context (the view's is
+        # on top): it stays pushed too, and leaks with the request (up to 3.1 the pop
+        # went through and only the view's context was left).
+        expected.insert(1, ("request_end", "request"))
+    assert [(site, kind) for site, kind, _ in found] == expected
+    names = {"request_end": "leak", "thread_exit": "thread"}
+    for site, _, leak in found:
+        (link,) = leak.links
+        assert link.context.span_id == spans[names[site]].span_id
+        assert link.context.trace_id == spans[names[site]].trace_id
+        assert leak.parent is None
 
 
 # --------------------------------------------------------------------------
