@@ -126,6 +126,14 @@ def request_context() -> Any:
     return None
 
 
+def request_hidden() -> bool:
+    """Is a request's context pushed here, under an app context that hides it (3.2)?"""
+    if not merged():
+        return False
+    ctx = current(telemetry.KIND_APP)
+    return ctx is not None and kind_of(ctx) == telemetry.KIND_APP and request_context() is not None
+
+
 #: How far ``request_context`` looks down: nesting deeper than this is not a view's.
 _DEPTH = 32
 

@@ -29,7 +29,7 @@ from types import GeneratorType
 from typing import Any
 
 from . import flaskmodel, frames, leaks, ledger, policy, process, settings, telemetry, threads
-from .ledger import RequestInfo, Worker
+from .ledger import OpenContext, RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
 
@@ -382,6 +382,10 @@ def _heal(w: Worker) -> None:
     context that left the ledger is counted. A teardown function that raises
     is logged by its exception type only: its message can hold request data.
     """
+    # Each context as first seen, with the push site it was reported with (a
+    # context Flask pushed for a request borrows the site of the request's next
+    # push, which may be healed first).
+    seen: dict[int, OpenContext] = {}
     while True:
         item = ledger.top(w)
         if item is None or item.request is None or not item.request.ended or not item.current:
@@ -389,6 +393,8 @@ def _heal(w: Worker) -> None:
         if not item.reported:
             return  # its request ended since the check above: reported and healed next time
         before = ledger.open_contexts(w, prune=False)
+        for other in before:
+            seen.setdefault(id(other.handle), other)
         try:
             item.context().pop()
         except Exception as exc:
@@ -400,7 +406,7 @@ def _heal(w: Worker) -> None:
                 item.kind,
             )
         remaining = {id(other.handle) for other in ledger.open_contexts(w, prune=False)}
-        healed = [other for other in before if id(other.handle) not in remaining]
+        healed = [seen[id(other.handle)] for other in before if id(other.handle) not in remaining]
         for other in healed:
             telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: other.kind})
             telemetry.log_event(

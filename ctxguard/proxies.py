@@ -425,6 +425,12 @@ def hint(
             f"`{proxy}` is used at import time: move this code into a function that runs"
             " during a request or inside `with app.app_context():`."
         )
+    if kind == telemetry.KIND_REQUEST and flaskmodel.request_hidden():
+        return (
+            "An app context pushed during the request hides the request's own (Flask 3.2):"
+            " the request's context is an app context already, so drop the"
+            f" `with app.app_context():`, or read `{proxy}` before pushing it."
+        )
     if worker_kind == telemetry.WORKER_REQUEST:
         return (
             "This runs after the request's context was popped, while its response is"

@@ -7,6 +7,7 @@ checks it the way a user would see it: through ``CtxGuard``, ``install()``,
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import gc
 import importlib
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from flask import Flask, current_app, request
 from flask.ctx import AppContext
-from helpers import CONTEXT_CLASSES, call, environ, line_of, make_app
+from helpers import CONTEXT_CLASSES, MERGED, call, environ, line_of, make_app, wrong_pop
 
 import ctxguard
 
@@ -37,6 +38,10 @@ POPS = "ctxguard.context.pops"
 OPEN = "ctxguard.context.open"
 LEAK_SPAN = "ctxguard.context_leak"
 ERROR_SPAN = "ctxguard.context_error"
+#: The kinds of the contexts left open by a view that pushes an app context and never
+#: pops it: the view's, and on Flask 3.2 the request's own too (Flask refuses to pop it
+#: from under the view's; up to 3.1 it pops it anyway, then complains).
+LEAKED_BY_A_VIEW = ("app", "request") if MERGED else ("app",)
 
 
 def line(marker: str) -> int:
@@ -148,15 +153,18 @@ def test_a_leak_span_starts_its_own_trace_even_inside_a_span(telemetry):
 
     ctxguard.CtxGuard(app, **telemetry.providers)
     tracer = telemetry.tracer_provider.get_tracer("server")
-    with tracer.start_as_current_span("GET /leak"), pytest.raises(AssertionError):
+    with tracer.start_as_current_span("GET /leak"), wrong_pop():
         call(app, "/leak")
-    (span,) = telemetry.spans(LEAK_SPAN)
-    assert span.parent is None
+    spans = telemetry.spans(LEAK_SPAN)
+    assert sorted(s.attributes["ctxguard.context.kind"] for s in spans) == list(LEAKED_BY_A_VIEW)
+    assert [s.parent for s in spans] == [None] * len(spans)
 
 
 def test_leak_spans_are_rate_limited_per_push_site_and_counted_exactly(telemetry):
-    """The same leak twice within a second: two in the counter, one span; the next span for
-    that site, a second later, says how many were dropped."""
+    """The same leak three times within a second: three in the counter, one span; the next
+    span for that site, a second later, says how many were dropped. (On Flask 3.2 each
+    request leaks two contexts, of two kinds, at the view's line: each kind has its own
+    span, rate limited alike.)"""
     app = make_app()
 
     @app.route("/leak")
@@ -166,17 +174,22 @@ def test_leak_spans_are_rate_limited_per_push_site_and_counted_exactly(telemetry
 
     ctxguard.CtxGuard(app, **telemetry.providers)
     for _ in range(3):
-        with pytest.raises(AssertionError):
+        with wrong_pop():
             call(app, "/leak")
-    assert telemetry.value(LEAKS) == 3
-    assert len(telemetry.spans(LEAK_SPAN)) == 1
+    for kind in ("app", "request"):
+        leaked = 3 if kind in LEAKED_BY_A_VIEW else 0
+        assert telemetry.value(LEAKS, {"ctxguard.context.kind": kind}) == leaked
+    assert len(telemetry.spans(LEAK_SPAN)) == len(LEAKED_BY_A_VIEW)
     time.sleep(1.05)
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         call(app, "/leak")
-    spans = telemetry.spans(LEAK_SPAN)
-    assert len(spans) == 2
-    assert spans[1].attributes["ctxguard.suppressed"] == 2
-    assert "ctxguard.suppressed" not in spans[0].attributes
+    for kind in LEAKED_BY_A_VIEW:
+        spans = [
+            s for s in telemetry.spans(LEAK_SPAN) if s.attributes["ctxguard.context.kind"] == kind
+        ]
+        assert len(spans) == 2
+        assert spans[1].attributes["ctxguard.suppressed"] == 2
+        assert "ctxguard.suppressed" not in spans[0].attributes
 
 
 def test_ages_are_seconds_to_the_microsecond(telemetry):
@@ -214,7 +227,9 @@ def test_ages_are_seconds_to_the_microsecond(telemetry):
 
 def test_snapshot_of_a_context_pushed_in_a_request_names_the_request(telemetry):
     """A context leaked by a view: kind, push site, the request it was pushed in (method,
-    route template, endpoint), reported as leaked, still reachable; and the process id."""
+    route template, endpoint), reported as leaked; and the process id. (On Flask 3.2 the
+    request's own context stays open under it, shown at the view's line too, and both
+    are current, so the next request heals them.)"""
     app = make_app()
     kept: list[Any] = []
 
@@ -226,23 +241,38 @@ def test_snapshot_of_a_context_pushed_in_a_request_names_the_request(telemetry):
         return name
 
     ctxguard.CtxGuard(app, **telemetry.providers)
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         call(app, "/keep/x", REQUEST_METHOD="PATCH")
     snap = ctxguard.snapshot()
     assert json.loads(json.dumps(snap)) == snap
     assert snap["pid"] == os.getpid()
     contexts = [c for w in snap["workers"] for c in w["contexts"]]
     mine = [c for c in contexts if c["line"] == line("push: kept by the view")]
-    (context,) = mine
-    assert context["kind"] == "app"
-    assert context["file"] == HERE
-    assert context["function"].endswith("keep")
-    assert context["request"] == {"method": "PATCH", "route": "/keep/<name>", "endpoint": "keep"}
-    assert context["leaked"] is True
-    assert context["reachable"] is False  # Flask's wrong-order pop jumped past it
-    call(app, "/")  # the next request on this thread forgets nothing still alive
+    # Up to Flask 3.1 only the view's context is left; on 3.2 the request's own too (Flask
+    # refused to pop it from under the view's), oldest first, and it has no push site of
+    # its own: it is shown at the view's line.
+    assert [c["kind"] for c in mine] == list(LEAKED_BY_A_VIEW)[::-1]
+    for context in mine:
+        assert context["file"] == HERE
+        assert context["function"].endswith("keep")
+        assert context["request"] == {
+            "method": "PATCH",
+            "route": "/keep/<name>",
+            "endpoint": "keep",
+        }
+        assert context["leaked"] is True
+        # Up to 3.1 Flask's wrong-order pop jumped past it; 3.2 refused the pop.
+        assert context["reachable"] is MERGED
+    call(app, "/")
     after = [c for w in ctxguard.snapshot()["workers"] for c in w["contexts"]]
-    assert [c["line"] for c in after] == [c["line"] for c in contexts]
+    if MERGED:
+        # Both were still current on this thread: stale for the next request there, which
+        # healed them (production), so they are gone.
+        assert after == []
+        assert telemetry.value(HEALED) == 2
+    else:
+        # The next request on this thread forgets nothing still alive.
+        assert [c["line"] for c in after] == [c["line"] for c in contexts]
 
 
 def test_snapshot_of_a_context_pushed_before_install(telemetry):
@@ -264,6 +294,11 @@ def test_snapshot_of_a_context_pushed_before_install(telemetry):
         ctx.pop()
 
 
+@pytest.mark.skipif(
+    MERGED,
+    reason="Flask 3.2 refuses a wrong-order pop: no context is ever out of reach"
+    " (test_a_wrong_order_pop_through_another_wrapper_is_recorded)",
+)
 def test_snapshot_lists_an_unreachable_context_while_something_holds_it(telemetry):
     """After a wrong-order pop, the context jumped over can never be popped: ``snapshot()``
     lists it (``reachable`` false) while it is alive, and drops it once it is collected."""
@@ -378,19 +413,36 @@ def test_pushes_and_pops_through_another_wrapper_are_counted(telemetry, wrapped_
 
 def test_a_wrong_order_pop_through_another_wrapper_is_recorded(telemetry, wrapped_contexts):
     """A wrong-order pop through a foreign wrapper: Flask's error unchanged, outcome
-    ``wrong_context``, and the context jumped over is still open."""
+    ``wrong_context``, and the context jumped over is still open. (Flask 3.2 refuses the
+    pop: the context popped out of order is still open too, both are reachable, and they
+    pop in the right order afterwards.)"""
     app = Flask("wrapped")
     ctxguard.install(**telemetry.providers)
     outer = app.app_context()
     inner = app.app_context()
-    outer.push()
+    outer.push()  # push: wrapped outer
     inner.push()  # push: wrapped inner
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         outer.pop()
     wrong = {"ctxguard.context.kind": "app", "ctxguard.pop.outcome": "wrong_context"}
     assert telemetry.value(POPS, wrong) == 1
-    lines = [c["line"] for w in ctxguard.snapshot()["workers"] for c in w["contexts"]]
-    assert lines == [line("push: wrapped inner")]
+
+    def listed() -> list[tuple[int, bool]]:
+        return [
+            (c["line"], c["reachable"])
+            for w in ctxguard.snapshot()["workers"]
+            for c in w["contexts"]
+        ]
+
+    if not MERGED:
+        assert listed() == [(line("push: wrapped inner"), False)]
+        return
+    assert listed() == [(line("push: wrapped outer"), True), (line("push: wrapped inner"), True)]
+    inner.pop()
+    outer.pop()
+    ok = {"ctxguard.context.kind": "app", "ctxguard.pop.outcome": "ok"}
+    assert (telemetry.value(POPS, ok), telemetry.value(POPS, wrong)) == (2, 1)
+    assert listed() == []
 
 
 def test_a_thread_leak_through_another_wrapper_names_the_push_line(telemetry, wrapped_contexts):
@@ -695,18 +747,29 @@ def test_a_context_pushed_by_a_view_in_a_copied_context_is_a_leak_of_that_reques
 
 def test_an_assertion_error_from_a_teardown_is_not_a_wrong_context_pop(telemetry):
     """A teardown function that raises ``AssertionError`` while its context is popped: the
-    pop is ``ok`` (the context was the right one), and the error reaches the caller."""
+    pop is ``ok`` (the context was the right one), and the error reaches the caller (on
+    Flask 3.2 with Python 3.11+, inside the exception group Flask raises teardown errors
+    in)."""
     app = Flask("teardown")
+    raised: list[BaseException] = []
 
     @app.teardown_appcontext
     def check(exc: BaseException | None) -> None:
-        raise AssertionError("a teardown's own assertion")
+        raised.append(AssertionError("a teardown's own assertion"))
+        raise raised[-1]
 
     ctxguard.install(**telemetry.providers)
     ctx = app.app_context()
     ctx.push()
-    with pytest.raises(AssertionError, match="a teardown's own assertion"):
-        ctx.pop()
+    if MERGED and sys.version_info >= (3, 11):
+        # Flask 3.2 runs every teardown function, pops, then raises their errors together.
+        with pytest.raises(EXCEPTION_GROUP, match="Errors during context teardown") as group:
+            ctx.pop()
+        assert teardown_errors(group.value) == raised
+    else:
+        with pytest.raises(AssertionError, match="a teardown's own assertion") as error:
+            ctx.pop()
+        assert error.value is raised[0]
     ok = {"ctxguard.context.kind": "app", "ctxguard.pop.outcome": "ok"}
     wrong = {"ctxguard.context.kind": "app", "ctxguard.pop.outcome": "wrong_context"}
     assert (telemetry.value(POPS, ok), telemetry.value(POPS, wrong)) == (1, 0)
@@ -714,6 +777,17 @@ def test_an_assertion_error_from_a_teardown_is_not_a_wrong_context_pop(telemetry
 
 # --------------------------------------------------------------------------
 # Every error span carries its exception (docs/telemetry.md, ctxguard.context_error).
+
+
+#: Exception groups' base class (Python 3.11+; before, nothing is one).
+EXCEPTION_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
+
+
+def teardown_errors(error: BaseException) -> list[BaseException]:
+    """The errors teardown functions raised, out of Flask 3.2's exception groups."""
+    if isinstance(error, EXCEPTION_GROUP):
+        return [leaf for inner in error.exceptions for leaf in teardown_errors(inner)]
+    return [error]
 
 
 def exception_event(span: Any) -> dict[str, Any]:
@@ -1134,7 +1208,9 @@ def test_an_abandoned_stream_with_context_is_reported_where_it_was_read(
     (pallets/flask#6123): Flask pushes the request's contexts again when the body is first
     read, so its app context is reported at the first line of user code on the stack then
     (here the code that plays the server), once, also when another library wraps Flask's
-    push and pop."""
+    push and pop. (Flask before 3.1, and 3.2, push them again in ``stream_with_context()``
+    itself, in the view: reported at the view's line; on 3.2 it is the request's one
+    context, kind ``request``.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from flask import stream_with_context
@@ -1169,11 +1245,11 @@ def test_an_abandoned_stream_with_context_is_reported_where_it_was_read(
         dropper.join()
         gc.collect()
         pool.submit(call, app, "/").result()  # heals the pooled thread
-    spans = [
-        s for s in telemetry.spans(LEAK_SPAN) if s.attributes["ctxguard.context.kind"] == "app"
-    ]
-    # Flask before 3.1 pushes them already in stream_with_context(), in the view.
-    pushed = "push: first read" if FLASK_AT_LEAST_3_1 else "push: view"
+    # The request's app context: on Flask 3.2 its one context, which holds the request.
+    kind = "request" if MERGED else "app"
+    spans = [s for s in telemetry.spans(LEAK_SPAN) if s.attributes["ctxguard.context.kind"] == kind]
+    # Flask before 3.1, and 3.2 again, push it already in stream_with_context(), in the view.
+    pushed = "push: first read" if FLASK_AT_LEAST_3_1 and not MERGED else "push: view"
     assert [s.attributes["code.line.number"] for s in spans] == [line(pushed)]
     assert spans[0].attributes["code.file.path"] == HERE
 
@@ -1343,7 +1419,7 @@ def test_every_metric_has_its_documented_unit_scope_and_description(telemetry):
         return "leaked"
 
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         call(app, "/leak")
     with pytest.raises(RuntimeError):
         _ = request.args
@@ -1409,8 +1485,9 @@ def test_snapshot_emits_what_was_kept_back_while_the_sdk_was_busy(telemetry):
 
 
 def test_contexts_open_at_install_are_listed_oldest_first(telemetry):
-    """A request context pushed before ``install()`` (its app context first): the snapshot
-    lists them oldest first, as it lists every other context, and a later push after them."""
+    """A request context pushed before ``install()`` (its app context first, up to Flask
+    3.1): the snapshot lists them oldest first, as it lists every other context, and a
+    later push after them."""
     app = make_app()
     ctx = app.test_request_context("/")
     ctx.push()
@@ -1418,7 +1495,8 @@ def test_contexts_open_at_install_are_listed_oldest_first(telemetry):
         ctxguard.install(**telemetry.providers)
         with app.app_context():
             kinds = [c["kind"] for w in ctxguard.snapshot()["workers"] for c in w["contexts"]]
-        assert kinds == ["app", "request", "app"]
+        # Up to 3.1 the request context pushed an app context under it; on 3.2 it is one.
+        assert kinds == (["request", "app"] if MERGED else ["app", "request", "app"])
     finally:
         ctx.pop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import functools
 import gc
 import os
@@ -14,10 +15,13 @@ import pytest
 from flask import Flask, current_app
 from helpers import (
     CONTEXT_CLASSES,
+    MERGED,
+    REQUEST_PUSHES,
     call,
     environ,
     line_of,
     make_app,
+    wrong_pop,
 )
 
 import ctxguard
@@ -42,9 +46,12 @@ def test_pushes_and_pops_are_counted_exactly(telemetry):
             pass
     with app.test_request_context("/"):
         pass
-    assert telemetry.value(PUSHES, APP) == 4  # the request context pushes its own app context
+    # Up to Flask 3.1 the request context pushes its own app context; on 3.2 it is one
+    # context, kind ``request``.
+    app_pushes = 3 + REQUEST_PUSHES.get("app", 0)
+    assert telemetry.value(PUSHES, APP) == app_pushes
     assert telemetry.value(PUSHES, REQUEST) == 1
-    assert telemetry.value(POPS, pops("app", "ok")) == 4
+    assert telemetry.value(POPS, pops("app", "ok")) == app_pushes
     assert telemetry.value(POPS, pops("request", "ok")) == 1
     assert telemetry.value(POPS, pops("app", "wrong_context")) == 0
     assert telemetry.value(OPEN, APP) == 0
@@ -110,7 +117,8 @@ def test_push_site_skips_flask_frames(telemetry):
 
 
 def test_wrong_order_pop_is_recorded_and_the_same_error_propagates(telemetry):
-    """A wrong-order pop is counted; Flask's AssertionError reaches the caller unchanged."""
+    """A wrong-order pop is counted; Flask's error (``AssertionError`` up to Flask 3.1,
+    ``RuntimeError`` on 3.2) reaches the caller unchanged."""
     app = make_app()
     ctxguard.install(**telemetry.providers)
     outer = app.app_context()
@@ -118,16 +126,26 @@ def test_wrong_order_pop_is_recorded_and_the_same_error_propagates(telemetry):
     outer.push()
     inner.push()
 
-    with pytest.raises(AssertionError) as raised:
+    with wrong_pop() as raised:
         outer.pop()
 
-    assert str(raised.value).startswith("Popped wrong app context.")
+    if not MERGED:
+        assert str(raised.value).startswith("Popped wrong app context.")
     # The innermost frame is Flask's own raise, as without ctxguard.
     tb = raised.value.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
     assert tb.tb_frame.f_code.co_filename.endswith("flask/ctx.py")
     assert telemetry.value(POPS, pops("app", "wrong_context")) == 1
+    if MERGED:
+        # Flask 3.2 refused the pop before changing anything: nothing was jumped over,
+        # both are still pushed and pop in the right order (see
+        # test_a_pop_flask_refuses_out_of_order_stays_open_and_pops_later).
+        inner.pop()
+        outer.pop()
+        assert telemetry.value(POPS, pops("app", "ok")) == 2
+        assert telemetry.value(OPEN, APP) == 0
+        return
     # Flask reset past ``inner``: it can never be popped and is not kept alive by ctxguard.
     ref = weakref.ref(inner)
     del inner, raised, tb  # the traceback's frames hold it too
@@ -143,9 +161,87 @@ def test_wrong_order_pop_of_request_context(telemetry):
     inner = app.test_request_context("/items/1")
     outer.push()
     inner.push()
-    with pytest.raises(AssertionError, match="Popped wrong request context"):
+    with wrong_pop("request"):
         outer.pop()
     assert telemetry.value(POPS, pops("request", "wrong_context")) == 1
+    if MERGED:
+        # Flask 3.2 refused the pop and left both pushed: the right order pops them.
+        inner.pop()
+        outer.pop()
+        assert telemetry.value(POPS, pops("request", "ok")) == 2
+        assert telemetry.value(OPEN) == 0
+
+
+@pytest.mark.skipif(
+    not MERGED,
+    reason="Flask up to 3.1 pops anyway, then complains (the tests above and below)",
+)
+@pytest.mark.parametrize("kind", ["app", "request"])
+def test_a_pop_flask_refuses_out_of_order_stays_open_and_pops_later(
+    telemetry, caplog_ctxguard, monkeypatch, kind
+):
+    """Flask 3.2 refuses a pop out of order before changing anything. The very
+    ``RuntimeError`` Flask raised reaches the caller; the pop is counted ``wrong_context``
+    once and nothing else: the context stays open (``open`` unchanged) and listed in the
+    snapshot, reachable and not reported, and so do the contexts above it, still current.
+    Popped in the right order afterwards, all are ordinary ``ok`` pops, their teardown
+    runs, and nothing is left open or reported as leaked."""
+    from flask.ctx import AppContext
+    from flask.globals import app_ctx
+
+    flask_raised: list[BaseException] = []
+    flask_pop = AppContext.pop
+
+    def pop(self: Any, exc: Any = None) -> None:  # sees what Flask raises, under ctxguard
+        try:
+            flask_pop(self, exc)
+        except BaseException as error:
+            flask_raised.append(error)
+            raise
+
+    monkeypatch.setattr(AppContext, "pop", pop)
+    app = make_app()
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+
+    def make() -> Any:
+        return app.app_context() if kind == "app" else app.test_request_context("/")
+
+    outer, inner = make(), make()
+    outer.push()  # push: refused out of order
+    inner.push()  # push: above the refused one
+    open_before = telemetry.value(OPEN)
+    with wrong_pop(kind) as raised:
+        outer.pop()  # pop: refused
+    assert flask_raised == [raised.value]
+    assert raised.value.__context__ is None
+    assert telemetry.value(POPS, pops(kind, "wrong_context")) == 1
+    assert telemetry.value(POPS) == 1
+    assert telemetry.value(OPEN) == open_before == 2
+    assert app_ctx._get_current_object() is inner
+    (worker,) = ctxguard.snapshot()["workers"]
+    assert [
+        (entry["kind"], entry["line"], entry["reachable"], entry["leaked"])
+        for entry in worker["contexts"]
+    ] == [
+        (kind, line_of(__file__, "# push: " + "refused out of order"), True, False),
+        (kind, line_of(__file__, "# push: " + "above the refused one"), True, False),
+    ]
+    assert app.teardowns == []
+    inner.pop()
+    outer.pop()
+    assert app.teardowns == [None, None]
+    assert telemetry.value(POPS, pops(kind, "ok")) == 2
+    assert telemetry.value(POPS, pops(kind, "wrong_context")) == 1
+    assert telemetry.value(OPEN) == 0
+    assert ctxguard.snapshot()["workers"] == []
+    call(app, "/")  # a request on this thread finds nothing stale nor ambient
+    assert telemetry.value(LEAKS) == 0
+    assert telemetry.spans("ctxguard.context_leak") == []
+    assert [r.getMessage() for r in caplog_ctxguard.records] == [
+        f"ctxguard: {kind} context popped with outcome wrong_context at"
+        f" {__file__}:{line_of(__file__, '# pop: ' + 'refused')} in"
+        " test_a_pop_flask_refuses_out_of_order_stays_open_and_pops_later"
+    ]
 
 
 def test_pop_on_another_thread_is_cross_worker(telemetry):
@@ -166,7 +262,15 @@ def test_pop_on_another_thread_is_cross_worker(telemetry):
     t = threading.Thread(target=pop_elsewhere)
     t.start()
     t.join()
-    assert len(errors) == 1 and isinstance(errors[0], (LookupError, ValueError))
+    assert len(errors) == 1
+    if MERGED:
+        # Flask 3.2 refuses a pop where the context is not the active one (on that thread
+        # none is), before changing anything.
+        assert isinstance(errors[0], RuntimeError)
+        assert "there is no active context" in str(errors[0])
+    else:
+        # Up to Flask 3.1 the pop fails resetting the other thread's context variable.
+        assert isinstance(errors[0], (LookupError, ValueError))
     assert telemetry.value(POPS, pops("app", "cross_worker")) == 1
     assert telemetry.value(OPEN, APP) == 1
     # Still current here, where it was pushed; popping it here works.
@@ -342,7 +446,8 @@ def test_a_context_pushed_again_by_a_view_is_reported_at_the_view(telemetry, hoo
     """A view pushes the request's own app context once more and never pops it: the
     request's end pops Flask's push, the view's stays open and current. The leak is
     reported at the view's line (not as "a place Flask chose"), with the request's route,
-    and linked to the request's trace."""
+    and linked to the request's trace. (On Flask 3.2 the request's app context is its one
+    context, which holds the request: the leak is of kind ``request``.)"""
     from flask.globals import app_ctx
 
     app = make_app()
@@ -358,22 +463,27 @@ def test_a_context_pushed_again_by_a_view_is_reported_at_the_view(telemetry, hoo
         pass
     with tracer.start_as_current_span("GET /again") as request_span:
         call(app, "/again")
+    # ``app_ctx`` is the app context Flask pushed under the request context up to 3.1;
+    # on 3.2, the request's one context, holding the request.
+    kind = "request" if MERGED else "app"
     (span,) = telemetry.spans("ctxguard.context_leak")
-    assert span.attributes["ctxguard.context.kind"] == "app"
+    assert span.attributes["ctxguard.context.kind"] == kind
     assert span.attributes["code.file.path"] == __file__
     assert span.attributes["code.line.number"] == line_of(__file__, "# push: " + "again")
     assert span.attributes["http.route"] == "/again"
     (link,) = span.links
     assert link.context.span_id == request_span.get_span_context().span_id
-    assert telemetry.value(LEAKS, APP) == 1
+    assert telemetry.value(LEAKS, {"ctxguard.context.kind": kind}) == 1
+    assert telemetry.value(LEAKS) == 1
 
 
 def test_requests_served_without_the_middleware_are_counted_like_any_other(
     telemetry, caplog_ctxguard, hooks
 ):
     """With the process hooks only (``install()``, no ``CtxGuard``), a request still counts
-    one push and one pop of each kind, is open while the view runs, and nothing goes wrong
-    inside ctxguard."""
+    one push and one pop of each context Flask pushes for it (a request and an app context
+    up to Flask 3.1, one request context on 3.2), is open while the view runs, and nothing
+    goes wrong inside ctxguard."""
     app = make_app()
     seen: list[int] = []
 
@@ -384,9 +494,11 @@ def test_requests_served_without_the_middleware_are_counted_like_any_other(
 
     ctxguard.install(**telemetry.providers)
     call(app, "/open")
-    assert seen == [2]
-    assert [telemetry.value(PUSHES, kind) for kind in (APP, REQUEST)] == [1, 1]
-    assert [telemetry.value(POPS, pops(kind, "ok")) for kind in ("app", "request")] == [1, 1]
+    # Two contexts per request up to Flask 3.1, one on 3.2.
+    expected = [REQUEST_PUSHES.get(kind, 0) for kind in ("app", "request")]
+    assert seen == [sum(expected)]
+    assert [telemetry.value(PUSHES, kind) for kind in (APP, REQUEST)] == expected
+    assert [telemetry.value(POPS, pops(kind, "ok")) for kind in ("app", "request")] == expected
     assert telemetry.value(OPEN) == 0
     assert caplog_ctxguard.records == []
 
@@ -423,16 +535,16 @@ def test_a_pop_flask_cannot_make_leaves_the_context_open(telemetry, caplog_ctxgu
 
 def test_a_wrong_order_pop_leaves_the_contexts_below_it_alone(telemetry):
     """After a wrong-order pop, only the contexts pushed after the popped one are out of
-    reach; one pushed before it is still current and reachable, and popping it closes it:
-    nothing of it stays open or in the snapshot."""
+    reach (up to Flask 3.1; 3.2 refuses the pop and none is); one pushed before it is still
+    reachable, and popping it closes it: nothing of it stays open or in the snapshot."""
     app = make_app()
     ctxguard.install(**telemetry.providers)
     base = app.app_context()
     base.push()  # push: below
     outer, inner = app.app_context(), app.app_context()
-    outer.push()
+    outer.push()  # push: popped out of order
     inner.push()  # push: jumped over
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         outer.pop()
 
     def contexts() -> list[tuple[int, bool]]:
@@ -442,10 +554,24 @@ def test_a_wrong_order_pop_leaves_the_contexts_below_it_alone(telemetry):
             for entry in worker["contexts"]
         ]
 
-    below, jumped = (
+    below, popped, jumped = (
         line_of(__file__, "# push: " + "below"),
+        line_of(__file__, "# push: " + "popped out of order"),
         line_of(__file__, "# push: " + "jumped over"),
     )
+    if MERGED:
+        # Flask 3.2 refused the pop before changing anything: all three are still pushed
+        # and reachable, and pop in the right order.
+        assert contexts() == [(below, True), (popped, True), (jumped, True)]
+        inner.pop()
+        outer.pop()
+        assert contexts() == [(below, True)]
+        assert current_app._get_current_object() is app
+        base.pop()
+        assert contexts() == []
+        assert telemetry.value(OPEN, APP) == 0
+        assert telemetry.value(POPS, pops("app", "ok")) == 3
+        return
     assert contexts() == [(below, True), (jumped, False)]
     assert current_app._get_current_object() is app
     base.pop()
@@ -455,18 +581,34 @@ def test_a_wrong_order_pop_leaves_the_contexts_below_it_alone(telemetry):
 
 
 def test_a_wrong_order_pop_of_a_context_pushed_twice_closes_one_push(telemetry):
-    """A context pushed twice with another one between, then popped out of order: Flask
-    undoes its second push (and complains), the first one is still current. Exactly two
-    contexts stay open: the first push and the one jumped over, which is out of reach and
-    not kept alive by ctxguard."""
+    """A context pushed twice with another one between, then popped out of order: up to
+    Flask 3.1, Flask undoes its second push (and complains), the first one is still
+    current. Exactly two contexts stay open: the first push and the one jumped over, which
+    is out of reach and not kept alive by ctxguard. Flask 3.2 refuses the pop and undoes
+    nothing: the three pushes stay open, all reachable, and pop in the right order."""
     app = make_app()
     ctxguard.install(**telemetry.providers)
     twice, between = app.app_context(), app.app_context()
     twice.push()
     twice.push()
     between.push()
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         twice.pop()
+    if MERGED:
+        # Flask 3.2 checks before changing anything: the pop is refused, not made.
+        assert telemetry.value(OPEN, APP) == 3
+        assert telemetry.value(POPS, pops("app", "wrong_context")) == 1
+        assert telemetry.value(POPS, pops("app", "ok")) == 0
+        (worker,) = ctxguard.snapshot()["workers"]
+        assert [entry["reachable"] for entry in worker["contexts"]] == [True, True, True]
+        between.pop()
+        twice.pop()
+        assert app.teardowns == [None]  # ``between``'s; ``twice`` is still pushed once
+        twice.pop()
+        assert app.teardowns == [None, None]
+        assert telemetry.value(POPS, pops("app", "ok")) == 3
+        assert telemetry.value(OPEN, APP) == 0
+        return
     assert telemetry.value(OPEN, APP) == 2
     assert telemetry.value(POPS, pops("app", "wrong_context")) == 1
     (worker,) = ctxguard.snapshot()["workers"]
@@ -544,33 +686,62 @@ def test_a_context_popped_on_another_thread_leaves_the_open_count_and_the_snapsh
     assert telemetry.value(OPEN, APP) == 0
 
 
+#: Exception groups' base class (Python 3.11+; before, nothing is one).
+EXCEPTION_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
+
+
+def teardown_errors(error: BaseException) -> list[BaseException]:
+    """The errors teardown functions raised, out of Flask 3.2's exception groups."""
+    if isinstance(error, EXCEPTION_GROUP):
+        return [leaf for inner in error.exceptions for leaf in teardown_errors(inner)]
+    return [error]
+
+
 def test_a_teardown_error_that_cannot_be_printed_reaches_the_caller_unchanged(
     telemetry, caplog_ctxguard
 ):
     """A teardown function raises an ``AssertionError`` whose message itself fails to
     render: ctxguard, which reads the message of an ``AssertionError`` from a pop, logs its
     own failure once (naming where) and the caller gets the very exception raised; the
-    context is popped and not counted open."""
+    context is popped and not counted open. (Flask 3.2 on Python 3.11+ raises teardown
+    errors inside exception groups, which ctxguard does not read: the caller gets Flask's
+    group holding that very exception, and nothing is logged.)"""
+    import sys
 
     class Unprintable(AssertionError):
         def __str__(self) -> str:
             raise RuntimeError("no message")
 
     app = make_app()
+    raised_here: list[BaseException] = []
 
     @app.teardown_appcontext
     def fail(exc: BaseException | None) -> None:
-        raise Unprintable
+        raised_here.append(Unprintable())
+        raise raised_here[-1]
 
     ctxguard.install(**telemetry.providers)
     ctx = app.app_context()
     ctx.push()
-    with pytest.raises(Unprintable) as raised:
+    # Flask 3.2 runs every teardown function, pops, then raises their errors together, in
+    # exception groups (Python 3.11+); up to 3.1 the error itself.
+    grouped = MERGED and sys.version_info >= (3, 11)
+    with pytest.raises(BaseException) as raised:
         ctx.pop()
+    if grouped:
+        assert isinstance(raised.value, EXCEPTION_GROUP)
+        assert str(raised.value).startswith("Errors during context teardown")
+    else:
+        assert raised.value is raised_here[0]
+    assert teardown_errors(raised.value) == raised_here
     assert raised.value.__context__ is None
     assert not flask.has_app_context()
     assert telemetry.value(OPEN, APP) == 0
-    (message,) = [r.getMessage() for r in caplog_ctxguard.records]
+    messages = [r.getMessage() for r in caplog_ctxguard.records]
+    if grouped:
+        assert messages == []
+        return
+    (message,) = messages
     assert message.startswith(
         "ctxguard: internal error in ledger pop (ignored, the application is not affected;"
         " 0 more since the last report): RuntimeError"
@@ -581,12 +752,14 @@ def test_leaks_with_no_push_site_are_told_apart_by_the_request_that_started_them
     telemetry, caplog_ctxguard
 ):
     """Threads started by two different routes each push a request context and never pop
-    it. The app context Flask pushed inside it has no push site of its own; the two are
-    still two leaks, each logged with the route that started its thread."""
+    it. Up to Flask 3.1 the app context Flask pushed inside it has no push site of its own;
+    the two are still two leaks, each logged with the route that started its thread. (On
+    Flask 3.2 the request context is the only one, and it has the user's push site: two
+    leaks of one push site, logged once a minute per site.)"""
     app = make_app()
 
     def work() -> None:
-        app.test_request_context("/").push()
+        app.test_request_context("/").push()  # push: in work
 
     def start_work() -> str:
         thread = threading.Thread(target=work)
@@ -599,6 +772,23 @@ def test_leaks_with_no_push_site_are_told_apart_by_the_request_that_started_them
     ctxguard.CtxGuard(app, **telemetry.providers)
     call(app, "/a")
     call(app, "/b")
+    if MERGED:
+        # Flask 3.2 pushes no app context inside the request context: the one context
+        # has the line in ``work`` as its push site, the same for both threads.
+        leaked = [
+            r.getMessage()
+            for r in caplog_ctxguard.records
+            if r.getMessage().startswith("ctxguard: request context leaked")
+        ]
+        function = getattr(work.__code__, "co_qualname", "work")  # Python 3.10: the short name
+        assert [m.rsplit(", ", 2)[0] for m in leaked] == [
+            "ctxguard: request context leaked (thread_exit), pushed in work started by request"
+            f" GET /a; pushed at {__file__}:{line_of(__file__, '# push: ' + 'in work')} in"
+            f" {function}",
+        ]
+        assert telemetry.value(LEAKS, REQUEST) == 2
+        assert telemetry.value(LEAKS) == 2
+        return
     leaked = [
         r.getMessage()
         for r in caplog_ctxguard.records
@@ -661,6 +851,11 @@ def test_contexts_closed_on_other_threads_are_not_reported_by_the_next_request(
     assert telemetry.value(LEAKS, APP) == 1
 
 
+@pytest.mark.skipif(
+    MERGED,
+    reason="Flask 3.2 refuses a wrong-order pop: no context is ever jumped over"
+    " (test_a_pop_flask_refuses_out_of_order_stays_open_and_pops_later)",
+)
 def test_a_context_jumped_over_in_a_view_and_collected_is_still_reported(telemetry):
     """A view pushes two app contexts and pops the outer one first: Flask can never pop the
     inner one. Even once it has been garbage collected, it is reported as leaked when the
@@ -688,6 +883,11 @@ def test_a_context_jumped_over_in_a_view_and_collected_is_still_reported(telemet
     )
 
 
+@pytest.mark.skipif(
+    MERGED,
+    reason="Flask 3.2's request_ctx is an alias of app_ctx, the request's one context"
+    " (test_a_context_pushed_again_by_a_view_is_reported_at_the_view)",
+)
 def test_a_request_context_pushed_again_by_a_view_reports_both_contexts_at_the_view(telemetry):
     """A view pushes the request's own request context once more and never pops it: the
     request's end undoes only Flask's push of it, so the request context and the app
@@ -716,14 +916,19 @@ def test_a_push_made_after_the_response_does_not_hide_the_requests_push_sites(
 ):
     """The same leak in a streamed response, with a context pushed outside any request
     (by the code serving it) between the response and its close: the request's two
-    contexts are still both reported at the view's line when the body is closed."""
-    from flask.globals import request_ctx
+    contexts (its one context on Flask 3.2) are still reported at the view's line when the
+    body is closed."""
+    import flask.globals
 
+    # The request's own context: up to Flask 3.1 ``request_ctx`` (with the app context
+    # Flask pushed under it); on 3.2 ``app_ctx``, its one context (``request_ctx`` is a
+    # deprecated alias of it there).
+    own = flask.globals.app_ctx if MERGED else vars(flask.globals)["request_ctx"]
     app = make_app()
 
     @app.route("/stream")
     def stream():
-        request_ctx.push()  # push: streamed again
+        own.push()  # push: streamed again
 
         def chunks():
             yield "a"
@@ -743,7 +948,7 @@ def test_a_push_made_after_the_response_does_not_hide_the_requests_push_sites(
     assert sorted(
         (s.attributes["ctxguard.context.kind"], s.attributes.get("code.line.number"))
         for s in telemetry.spans("ctxguard.context_leak")
-    ) == [("app", line), ("request", line)]
+    ) == ([("request", line)] if MERGED else [("app", line), ("request", line)])
 
 
 def test_a_view_that_pushes_the_ambient_app_context_again_leaks_it(telemetry):
@@ -876,7 +1081,8 @@ def test_a_thread_reusing_the_ident_of_an_ended_thread_still_has_its_leaks_repor
 def test_the_exception_given_to_pop_reaches_the_teardown_functions(telemetry, hooks):
     """``pop(exc)`` and ``pop(exc=...)`` hand the exception to the app's teardown
     functions as without ctxguard, ``pop()`` in an ``except`` block the exception being
-    handled; so does Flask for a view that raised."""
+    handled (up to Flask 3.1; 3.2's ``pop()`` hands them ``None``); so does Flask for a view
+    that raised."""
     app = make_app()
 
     @app.route("/fail")
@@ -897,7 +1103,10 @@ def test_the_exception_given_to_pop_reaches_the_teardown_functions(telemetry, ho
     except LookupError:
         third.pop()
     assert call(app, "/fail")[0] == "500 INTERNAL SERVER ERROR"
-    assert [type(exc) for exc in app.teardowns] == [ValueError, ValueError, LookupError, KeyError]
+    # Up to Flask 3.1 ``pop()`` takes the exception being handled (``sys.exc_info()``);
+    # 3.2's defaults to ``None``.
+    handled = type(None) if MERGED else LookupError
+    assert [type(exc) for exc in app.teardowns] == [ValueError, ValueError, handled, KeyError]
     assert app.teardowns[:2] == [error, error]
 
 

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from flask import Flask, g, request, stream_with_context
-from helpers import call, environ, line_of, make_app
+from helpers import (
+    CONTEXT_VARS,
+    MERGED,
+    REQUEST_PUSHES,
+    call,
+    context_kind,
+    environ,
+    line_of,
+    make_app,
+    without_ids,
+    wrong_pop,
+)
 
 import ctxguard
 
@@ -24,8 +37,33 @@ def leaks(kind: str, site: str) -> dict[str, str]:
     return {"ctxguard.context.kind": kind, "ctxguard.leak.site": site}
 
 
+def by_kind(telemetry: Any, metric: str, site: str | None = None) -> dict[str, int]:
+    """A counter's non-zero totals by context kind (of leaks: only those found at ``site``)."""
+    totals: Counter[str] = Counter()
+    for attrs, value in telemetry.points(metric):
+        if site is None or attrs.get("ctxguard.leak.site") == site:
+            totals[attrs["ctxguard.context.kind"]] += value
+    return {kind: n for kind, n in totals.items() if n}
+
+
+#: What ctxguard finds left by a view that pushes an app context and never pops it, by
+#: kind. Up to Flask 3.1 wsgi_app pops the request's contexts anyway (the view's becomes
+#: unreachable); Flask 3.2 refuses to pop the request's own context, which is not the
+#: current one: it stays pushed too, and is reported with the view's line.
+LEFT_BY_A_VIEW = {"app": 1, "request": 1} if MERGED else {"app": 1}
+
+
 def start_response(status: str, headers: list[Any], exc_info: Any = None) -> None:
     pass
+
+
+def current_on(pool: ThreadPoolExecutor) -> list[Any]:
+    """The Flask contexts current on the pool's (single) thread, innermost first."""
+
+    def current() -> list[Any]:
+        return [ctx for ctx in (var.get(None) for var in CONTEXT_VARS) if ctx is not None]
+
+    return pool.submit(current).result()
 
 
 def marking_app() -> Flask:
@@ -68,7 +106,9 @@ def test_a_clean_request_reports_nothing(telemetry):
 
 def test_manual_push_without_pop_in_a_view_is_a_request_end_leak(telemetry):
     """A view that pushes an app context and never pops it is reported at the end of the
-    request with the view's line; Flask's own error still reaches the server unchanged."""
+    request with the view's line; Flask's own error still reaches the server unchanged.
+    On Flask 3.2, where Flask refuses to pop the request's own context from under it, that
+    one is reported too, with the same line. Nothing is reported twice."""
     app = make_app()
 
     @app.route("/report")
@@ -77,28 +117,30 @@ def test_manual_push_without_pop_in_a_view_is_a_request_end_leak(telemetry):
         return "done"
 
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         call(app, "/report")
 
-    assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
-    (span,) = telemetry.spans(LEAK_SPAN)
-    attrs = dict(span.attributes)
-    assert attrs["ctxguard.context.kind"] == "app"
-    assert attrs["ctxguard.leak.site"] == "request_end"
-    assert attrs["code.file.path"] == __file__
-    assert attrs["code.line.number"] == line_of(__file__, "# push-site: " + "view")
-    assert attrs["code.function.name"].endswith("report")
-    assert attrs["http.route"] == "/report"
-    assert attrs["http.request.method"] == "GET"
-    assert attrs["thread.name"] == threading.current_thread().name
-    assert span.status.status_code.name == "ERROR"
+    assert by_kind(telemetry, LEAKS, "request_end") == LEFT_BY_A_VIEW
+    spans = sorted(telemetry.spans(LEAK_SPAN), key=lambda s: s.attributes["ctxguard.context.kind"])
+    assert [s.attributes["ctxguard.context.kind"] for s in spans] == sorted(LEFT_BY_A_VIEW)
+    for span in spans:
+        attrs = dict(span.attributes)
+        assert attrs["ctxguard.leak.site"] == "request_end"
+        assert attrs["code.file.path"] == __file__
+        assert attrs["code.line.number"] == line_of(__file__, "# push-site: " + "view")
+        assert attrs["code.function.name"].endswith("report")
+        assert attrs["http.route"] == "/report"
+        assert attrs["http.request.method"] == "GET"
+        assert attrs["thread.name"] == threading.current_thread().name
+        assert span.status.status_code.name == "ERROR"
     # The next request on this worker is clean: nothing is reported twice.
     call(app, "/")
-    assert telemetry.value(LEAKS) == 1
+    assert telemetry.value(LEAKS) == sum(LEFT_BY_A_VIEW.values())
 
 
 def test_manual_request_context_push_in_a_view(telemetry):
-    """The same for a request context pushed by hand inside a view."""
+    """The same for a request context pushed by hand inside a view (on Flask 3.2 the
+    request's own context is left too, and it is a request context as well)."""
     app = make_app()
 
     @app.route("/nested")
@@ -107,11 +149,116 @@ def test_manual_request_context_push_in_a_view(telemetry):
         return "done"
 
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-    with pytest.raises(AssertionError, match="Popped wrong request context"):
+    with wrong_pop("request"):
         call(app, "/nested")
-    assert telemetry.value(LEAKS, leaks("request", "request_end")) == 1
+    # Up to 3.1 the request context pushed in the view reuses the current app context and is
+    # jumped over by Flask's pop; 3.2 refuses to pop the request's own context: both stay.
+    left = 2 if MERGED else 1
+    assert by_kind(telemetry, LEAKS, "request_end") == {"request": left}
+    # One span: the second leak has the same kind and push site (spans are throttled per site).
     (span,) = telemetry.spans(LEAK_SPAN)
     assert span.attributes["code.line.number"] == line_of(__file__, "# push-site: " + "request")
+
+
+SECRET_PATH = "alice-4471"
+SECRET_QUERY = "token=s3cr3t-9b2e"
+
+
+def account_app() -> Flask:
+    """An app whose view pushes an app context and never pops it."""
+    app = make_app()
+
+    @app.route("/account/<name>")
+    def account(name: str) -> str:
+        app.app_context().push()  # push-site: account
+        return name
+
+    return app
+
+
+def exported_texts(telemetry: Any, records: list[logging.LogRecord]) -> list[str]:
+    """Every text a log record or the telemetry carries: messages, span names, attribute
+    values, events, statuses and metric attributes."""
+    texts = [r.getMessage() for r in records]
+    texts += [str(r.exc_info[1]) for r in records if r.exc_info and r.exc_info[1]]
+    for span in telemetry.spans():
+        texts.append(span.name)
+        texts += [str(v) for v in span.attributes.values()]
+        texts.append(str(span.status.description))
+        for event in span.events:
+            texts.append(event.name)
+            texts += [str(v) for v in (event.attributes or {}).values()]
+    data = telemetry.reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for point in metric.data.data_points:
+                    texts += [str(v) for v in point.attributes.values()]
+    return texts
+
+
+def test_a_view_that_never_pops_gets_flasks_own_error_and_no_url_is_reported(telemetry, caplog):
+    """A view that pushes an app context and never pops it, in production: the server gets
+    exactly the error it gets without ctxguard (Flask's complaint about the request's pop,
+    same type and message: a ``RuntimeError`` refusing the pop on Flask 3.2, an
+    ``AssertionError`` after it up to 3.1). ctxguard reports what stays pushed at the
+    request's end, at the view's line: on 3.2 the view's app context and the request's own
+    context, still current on the thread; up to 3.1 the view's context, which Flask's pop
+    made unreachable. Flask's message holds the request's URL: no log record, span or metric
+    attribute does. On 3.2 the next request on that thread heals both (their teardown
+    runs) and leaves the thread clean."""
+    caplog.set_level(logging.DEBUG)
+    path = f"/account/{SECRET_PATH}"
+
+    def serve(app: Flask) -> BaseException:
+        with pytest.raises(BaseException) as raised:
+            call(app, path, QUERY_STRING=SECRET_QUERY)
+        return raised.value
+
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own, which leaves nothing here
+        unguarded = pool.submit(serve, account_app()).result()
+
+    app = account_app()
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    error = serve(app)
+    assert type(error) is type(unguarded)
+    assert without_ids(str(error)) == without_ids(str(unguarded))
+    with wrong_pop():
+        raise error
+    if MERGED:
+        # 3.2's message names the request's context by its URL, query string included.
+        assert SECRET_PATH in str(error)
+        assert SECRET_QUERY in str(error)
+        assert len(app.teardowns) == 0  # type: ignore[attr-defined]  # nothing was popped
+    else:
+        assert len(app.teardowns) == 1  # type: ignore[attr-defined]  # the request's own
+
+    assert by_kind(telemetry, LEAKS, "request_end") == LEFT_BY_A_VIEW
+    spans = telemetry.spans(LEAK_SPAN)
+    assert sorted(s.attributes["ctxguard.context.kind"] for s in spans) == sorted(LEFT_BY_A_VIEW)
+    for span in spans:
+        assert span.attributes["code.line.number"] == line_of(__file__, "# push-site: " + "account")
+        assert span.attributes["http.route"] == "/account/<name>"
+
+    teardowns = len(app.teardowns)  # type: ignore[attr-defined]
+    assert call(app, "/")[2] == b"hello"
+    if MERGED:
+        # Both were still current on this thread: popped before the request ran.
+        assert by_kind(telemetry, HEALED) == {"app": 1, "request": 1}
+    else:
+        # Flask's pop reset its variables past the view's context: nothing can pop it.
+        assert by_kind(telemetry, HEALED) == {}
+    healed = sum(by_kind(telemetry, HEALED).values())
+    assert len(app.teardowns) == teardowns + healed + 1  # type: ignore[attr-defined]
+    assert [var.get(None) for var in CONTEXT_VARS] == [None] * len(CONTEXT_VARS)
+    assert telemetry.value(LEAKS) == sum(LEFT_BY_A_VIEW.values())  # not again when healed
+
+    texts = exported_texts(telemetry, caplog.records)
+    assert any(text.startswith("ctxguard: app context leaked") for text in texts)
+    for text in texts:
+        assert SECRET_PATH not in text
+        assert SECRET_QUERY.split("=")[1] not in text
+        assert "http://localhost" not in text
 
 
 def _abandon_stream_on_another_thread(app: Flask, pool: ThreadPoolExecutor) -> None:
@@ -130,56 +277,83 @@ def _abandon_stream_on_another_thread(app: Flask, pool: ThreadPoolExecutor) -> N
     dropper.join()
 
 
+#: The contexts a request served with a ``stream_with_context`` body keeps pushed on its
+#: thread while the body is open, by kind: the request's contexts, that is its own on Flask
+#: 3.2 (it holds the request), its request context and the app context under it up to 3.1.
+STREAM_CONTEXTS = REQUEST_PUSHES
+
+
 @unraisable_ok
-def test_flask_6123_without_ctxguard_the_next_request_skips_teardown():
-    """Control for the reproduction below: the bug is real on this Flask version."""
+def test_flask_6123_without_ctxguard_the_stale_context_is_never_torn_down():
+    """Control for the reproduction below: the bug is real on this Flask version. A
+    stream_with_context body abandoned mid-stream on a pooled worker thread, and finalised
+    on another thread, leaves its request's context current on the worker, where nothing
+    pops it: the requests that follow on that thread never tear it down. Up to Flask 3.1
+    they reuse its app context, so their own teardown_appcontext never runs either; Flask
+    3.2 pushes each one a context of its own over the stale one, torn down as usual."""
     app = marking_app()
     with ThreadPoolExecutor(1) as pool:
         _abandon_stream_on_another_thread(app, pool)
+        stale = current_on(pool)
+        assert Counter(context_kind(ctx) for ctx in stale) == STREAM_CONTEXTS
         app.torn_down.clear()
-        _status, _, data = pool.submit(call, app, "/").result()
-        assert data == b"hello"
-        # The stuck context of request 1 is reused: request 2's teardown never runs.
-        assert app.torn_down == []
+        for _ in range(3):
+            _status, _, data = pool.submit(call, app, "/").result()
+            assert data == b"hello"
+        if MERGED:
+            # Each request pushed and tore down its own context; the stale one's never ran.
+            assert app.torn_down == ["index", "index", "index"]
+        else:
+            # The stuck context of request 1 is reused: no request's teardown ever runs.
+            assert app.torn_down == []
+        # Still current on the worker, with the g of the abandoned request.
+        assert current_on(pool) == stale
+        assert pool.submit(lambda: g.get("marker")).result() == "stream"
 
 
 @unraisable_ok
 def test_flask_6123_abandoned_stream_is_reported_and_healed(telemetry):
     """pallets/flask#6123: a stream_with_context body abandoned mid-stream and finalised on
-    another thread leaves the app context on the worker thread. ctxguard counts the leak with
-    its push site, heals the worker, and the next request's teardown_appcontext runs."""
+    another thread leaves its request's contexts on the pooled worker thread (the request's
+    own on Flask 3.2; its request and app contexts up to 3.1). ctxguard reports each one at
+    the request's end with its route, push site and thread; at the next request on that
+    thread it pops them (healed, counted once per context popped), so their teardown runs
+    before the new request's own, and the worker is clean from then on."""
     app = marking_app()
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     with ThreadPoolExecutor(1, thread_name_prefix="pooled") as pool:
         _abandon_stream_on_another_thread(app, pool)
+        stale = current_on(pool)
+        assert Counter(context_kind(ctx) for ctx in stale) == STREAM_CONTEXTS
 
-        assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
-        spans = [
-            s for s in telemetry.spans(LEAK_SPAN) if s.attributes["ctxguard.context.kind"] == "app"
-        ]
-        (span,) = spans
-        assert span.attributes["ctxguard.leak.site"] == "request_end"
-        assert span.attributes["code.file.path"] in (
-            __file__,
-            stream_with_context.__code__.co_filename,
-        )
-        assert span.attributes["http.route"] == "/stream"
-        assert span.attributes["thread.name"].startswith("pooled")
+        assert by_kind(telemetry, LEAKS, "request_end") == STREAM_CONTEXTS
+        spans = telemetry.spans(LEAK_SPAN)
+        assert Counter(s.attributes["ctxguard.context.kind"] for s in spans) == STREAM_CONTEXTS
+        for span in spans:
+            assert span.attributes["ctxguard.leak.site"] == "request_end"
+            assert span.attributes["code.file.path"] in (
+                __file__,
+                stream_with_context.__code__.co_filename,
+            )
+            assert span.attributes["http.route"] == "/stream"
+            assert span.attributes["thread.name"].startswith("pooled")
 
         app.torn_down.clear()
         _status, _, data = pool.submit(call, app, "/").result()
         assert data == b"hello"
         # The stale context was popped first (its teardown ran), then request 2's own ran.
         assert app.torn_down == ["stream", "index"]
-        assert telemetry.value(HEALED, {"ctxguard.context.kind": "app"}) == 1
+        assert current_on(pool) == []
+        # Healed: exactly the stale contexts, each once.
+        assert by_kind(telemetry, HEALED) == Counter(context_kind(ctx) for ctx in stale)
         # Counted once, not again when found stale at the start of request 2.
-        assert telemetry.value(LEAKS, {"ctxguard.context.kind": "app"}) == 1
+        assert by_kind(telemetry, LEAKS) == STREAM_CONTEXTS
 
         # The worker is clean: the next request needs no healing.
         app.torn_down.clear()
         pool.submit(call, app, "/").result()
         assert app.torn_down == ["index"]
-        assert telemetry.value(HEALED, {"ctxguard.context.kind": "app"}) == 1
+        assert by_kind(telemetry, HEALED) == STREAM_CONTEXTS
 
 
 def test_a_request_whose_body_is_still_open_is_not_stale(telemetry):
@@ -204,15 +378,13 @@ def test_a_request_whose_body_is_still_open_is_not_stale(telemetry):
 
         kept.clear()  # abandoned: finalised here, on another thread than the one serving it
         gc.collect()
-        assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
-        span = next(
-            s for s in telemetry.spans(LEAK_SPAN) if s.attributes["ctxguard.context.kind"] == "app"
-        )
-        assert span.attributes["http.route"] == "/stream"
+        assert by_kind(telemetry, LEAKS, "request_end") == STREAM_CONTEXTS
+        spans = telemetry.spans(LEAK_SPAN)
+        assert [s.attributes["http.route"] for s in spans] == ["/stream"] * len(spans)
         pool.submit(call, app, "/").result()
-    assert telemetry.value(HEALED, {"ctxguard.context.kind": "app"}) == 1
+    assert by_kind(telemetry, HEALED) == STREAM_CONTEXTS
     # Found at the end and healed at the next start: counted once.
-    assert telemetry.value(LEAKS, {"ctxguard.context.kind": "app"}) == 1
+    assert by_kind(telemetry, LEAKS) == STREAM_CONTEXTS
 
 
 def test_heal_off_reports_but_leaves_the_context(telemetry):
@@ -221,11 +393,15 @@ def test_heal_off_reports_but_leaves_the_context(telemetry):
     ctxguard.CtxGuard(app, environment="production", heal=False, **telemetry.providers)
     with ThreadPoolExecutor(1) as pool:
         _abandon_stream_on_another_thread(app, pool)
+        stale = current_on(pool)
         app.torn_down.clear()
         pool.submit(call, app, "/").result()
-    assert telemetry.value(LEAKS, {"ctxguard.context.kind": "app"}) == 1
+        assert current_on(pool) == stale  # still there
+    assert by_kind(telemetry, LEAKS) == STREAM_CONTEXTS
     assert telemetry.value(HEALED) == 0
-    assert app.torn_down == []  # exactly what Flask does without ctxguard
+    # Exactly what Flask does without ctxguard: up to 3.1 the request reused the stale app
+    # context and tore nothing down; on 3.2 it tore down its own context, not the stale one.
+    assert app.torn_down == (["index"] if MERGED else [])
 
 
 def test_streamed_body_consumed_and_closed_is_clean(telemetry):
@@ -275,16 +451,25 @@ def test_body_closed_mid_stream_on_another_thread_is_a_leak(telemetry):
         closer = threading.Thread(target=close, args=(body,))
         closer.start()
         closer.join()
-        assert [type(e) for e in errors] in ([LookupError], [ValueError])
-        assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
+        if MERGED:
+            # 3.2 refuses to pop a context that is not current on the calling thread.
+            (error,) = errors
+            assert type(error) is RuntimeError
+            assert "there is no active context" in str(error)
+        else:
+            # Up to 3.1 the pop fails resetting the context variable of another thread.
+            assert [type(e) for e in errors] in ([LookupError], [ValueError])
+        assert by_kind(telemetry, LEAKS, "request_end") == STREAM_CONTEXTS
         app.torn_down.clear()
         pool.submit(call, app, "/").result()
-        assert "index" in app.torn_down
+        assert app.torn_down == ["stream", "index"]
+        assert by_kind(telemetry, HEALED) == STREAM_CONTEXTS
 
 
 def test_import_time_push_is_reported_once_per_site_and_not_healed(telemetry):
-    """An app context pushed outside any request (at import time) is shared by every request
-    on that worker: reported once with its push site, and left in place."""
+    """An app context pushed outside any request (at import time) stays under every request
+    on that worker: reported once with its push site, and left in place. Up to Flask 3.1
+    every request shares it (and its ``g``); on 3.2 each pushes its own context over it."""
     app = marking_app()
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     ambient = app.app_context()
@@ -297,8 +482,13 @@ def test_import_time_push_is_reported_once_per_site_and_not_healed(telemetry):
         (span,) = telemetry.spans(LEAK_SPAN)
         assert span.attributes["code.line.number"] == line_of(__file__, "# push-site: " + "import")
         assert "http.route" not in span.attributes
-        # Every request shared the ambient context's g and never tore it down: the bug shown.
-        assert app.torn_down == []
+        if MERGED:
+            # Each request tore down its own context; the ambient one's teardown never ran.
+            assert app.torn_down == ["index", "index", "index"]
+        else:
+            # Every request shared the ambient context's g and never tore it down: the bug shown.
+            assert app.torn_down == []
+        assert CONTEXT_VARS[-1].get(None) is ambient  # the app context, left in place
     finally:
         ambient.pop()
 
@@ -504,8 +694,9 @@ def test_test_client_in_production_stale_context_is_reported_not_healed(telemetr
         assert client.get("/").data == b"hello"
     assert telemetry.value(LEAKS, leaks("app", "request_start")) == 1
     assert telemetry.value(HEALED) == 0
-    # The stale context is still current: the two requests reused it, and no teardown ran.
-    assert len(app.teardowns) == teardowns  # type: ignore[attr-defined]
+    # The stale context is still current, and its teardown never ran. Up to 3.1 the two
+    # requests reused it (no teardown at all); on 3.2 each tore down a context of its own.
+    assert len(app.teardowns) == teardowns + (2 if MERGED else 0)  # type: ignore[attr-defined]
     (worker,) = ctxguard.snapshot()["workers"]
     assert [c["leaked"] for c in worker["contexts"]] == [True]
 
@@ -534,9 +725,11 @@ def test_a_context_not_current_on_the_worker_is_not_healed(telemetry):
 def test_context_stuck_by_a_failing_appcontext_pushed_receiver_is_healed(
     telemetry, caplog_ctxguard
 ):
-    """A receiver of ``appcontext_pushed`` that raises leaves the request's app context
-    pushed on the worker (Flask never pops it). The next request heals it, and the log line
-    says Flask pushed it: there is no line of the user's code to name."""
+    """A receiver of ``appcontext_pushed`` that raises. Up to Flask 3.1 it leaves the
+    request's app context pushed on the worker (Flask never pops it, and its request-end
+    pop fails): the next request heals it, and the log line says Flask pushed it, as there
+    is no line of the user's code to name. Flask 3.2 handles the error like any other (a
+    500 response) and pops the context itself: nothing is left, reported or healed."""
     from flask import appcontext_pushed
 
     app = marking_app()
@@ -550,19 +743,28 @@ def test_context_stuck_by_a_failing_appcontext_pushed_receiver_is_healed(
     appcontext_pushed.connect(connect, app)
     try:
         ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-        with pytest.raises(LookupError):
-            call(app, "/")  # Flask's own request-end pop fails: nothing to pop
-        assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
+        if MERGED:
+            assert call(app, "/")[0] == "500 INTERNAL SERVER ERROR"
+            assert app.torn_down == ["failed push"]  # popped by Flask at the request's end
+            assert telemetry.value(LEAKS) == 0
+        else:
+            with pytest.raises(LookupError):
+                call(app, "/")  # Flask's own request-end pop fails: nothing to pop
+            assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
         assert call(app, "/")[2] == b"hello"
     finally:
         appcontext_pushed.disconnect(connect, app)
     assert app.torn_down == ["failed push", "index"]
-    assert telemetry.value(HEALED, {"ctxguard.context.kind": "app"}) == 1
     healed = [r.getMessage() for r in caplog_ctxguard.records if "popped a stale" in r.message]
-    assert healed == [
-        "ctxguard: popped a stale app context (pushed at a place Flask chose (no user code"
-        " on the stack)) so its teardown ran"
-    ]
+    if MERGED:
+        assert telemetry.value(HEALED) == 0
+        assert healed == []
+    else:
+        assert telemetry.value(HEALED, {"ctxguard.context.kind": "app"}) == 1
+        assert healed == [
+            "ctxguard: popped a stale app context (pushed at a place Flask chose (no user code"
+            " on the stack)) so its teardown ran"
+        ]
 
 
 def test_teardown_errors_while_healing_are_logged_per_push_site(telemetry, caplog_ctxguard):
@@ -652,15 +854,18 @@ def test_requests_next_to_an_iterable_body_are_guarded(telemetry):
     body = app(environ("/chunks"), start_response)
     chunks = iter(body)
     assert next(chunks) == b"one"
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         call(app, "/leak")  # interleaved, while the body above is half read
-    assert telemetry.value(LEAKS, leaks("app", "request_end")) == 1
-    with pytest.raises(RuntimeError):
+    assert by_kind(telemetry, LEAKS, "request_end") == LEFT_BY_A_VIEW
+    # The second chunk uses ``request`` outside the request's context. On 3.2 the contexts
+    # /leak left are current here, the view's on top, which holds no request.
+    outside = "no request in this context" if MERGED else "outside of request context"
+    with pytest.raises(RuntimeError, match=outside):
         next(chunks)
     body.close()
-    with pytest.raises(AssertionError, match="Popped wrong app context"):
+    with wrong_pop():
         call(app, "/leak")  # after the body was read and closed
-    assert telemetry.value(LEAKS, leaks("app", "request_end")) == 2
+    assert by_kind(telemetry, LEAKS, "request_end") == {k: 2 * n for k, n in LEFT_BY_A_VIEW.items()}
 
 
 def test_proxy_error_in_a_later_chunk_of_an_iterable_body_names_the_request(telemetry):
@@ -958,15 +1163,16 @@ def test_code_a_response_runs_after_the_view_is_attributed_to_its_request(teleme
 
 
 def test_the_request_after_one_whose_app_raised_is_guarded(telemetry):
-    """A request whose app raised (here Flask's own "Popped wrong app context" after a view
-    left a context pushed) does not leave the thread unguarded: the same leak in the next
-    request is reported too."""
+    """A request whose app raised (here Flask's own complaint about the request's pop after a
+    view left a context pushed) does not leave the thread unguarded: the same leak in the
+    next request is reported too."""
     app = leaky_stream_app()
     ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
     for count in (1, 2):
-        with pytest.raises(AssertionError, match="Popped wrong app context"):
+        with wrong_pop():
             call(app, "/leak")
-        assert telemetry.value(LEAKS, leaks("app", "request_end")) == count
+        left = {kind: count * n for kind, n in LEFT_BY_A_VIEW.items()}
+        assert by_kind(telemetry, LEAKS, "request_end") == left
 
 
 def test_a_middleware_whose_app_was_dropped_says_what_to_keep(telemetry):
@@ -1076,20 +1282,25 @@ def test_the_line_reported_follows_the_apps_package_and_the_in_app_options(
         **telemetry.providers,
     )
     for path in ("/own", "/included", "/excluded"):
-        with pytest.raises(AssertionError, match="Popped wrong app context"):
+        with wrong_pop():
             call(app, path)
     app_file = str(site / "shopapp" / "__init__.py")
     sites = {
-        span.attributes["http.route"]: (
+        (span.attributes["http.route"], span.attributes["ctxguard.context.kind"]): (
             span.attributes["code.file.path"],
             span.attributes["code.line.number"],
         )
         for span in telemetry.spans(LEAK_SPAN)
     }
-    assert sites == {
+    expected = {
         "/own": (app_file, line_of(app_file, "# the app's own line")),
         "/included": (str(site / "toolkit" / "__init__.py"), 2),
         "/excluded": (app_file, line_of(app_file, "# the caller of an excluded helper")),
+    }
+    # Each leak is placed there: on 3.2 the request's own context too, which has no push
+    # site of its own and takes the one of the view's context.
+    assert sites == {
+        (route, kind): place for route, place in expected.items() for kind in LEFT_BY_A_VIEW
     }
 
 

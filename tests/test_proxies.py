@@ -520,6 +520,44 @@ def test_hint_for_request_inside_an_app_context_without_a_request(telemetry):
     assert "application context here but no request" in attrs["ctxguard.hint"]
 
 
+def test_hint_for_a_request_hidden_by_an_app_context_pushed_in_the_view(telemetry):
+    """On Flask 3.2 an app context pushed inside a view hides the request (``request``
+    raises "There is no request in this context." there, though the request's own context
+    is pushed beneath): the error names the view's line and the request, and the hint says
+    the request's context is an app context already. Up to 3.1 the request shows through
+    the app context: no error, nothing counted."""
+    app = make_app()
+
+    @app.route("/hidden")
+    def hidden() -> str:
+        with app.app_context():
+            try:
+                return request.path  # touch: request under the view's app context
+            except RuntimeError as error:
+                return f"error: {error}"
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    status, _, body = call(app, "/hidden")
+    assert status.startswith("200")
+    if not MERGED:
+        assert body == b"/hidden"
+        assert telemetry.value(ERRORS) == 0
+        assert telemetry.spans() == []
+        return
+    assert body == b"error: There is no request in this context."
+    attrs = one_error(telemetry)
+    assert attrs["ctxguard.proxy"] == "request"
+    assert attrs["ctxguard.context.kind"] == "request"
+    assert attrs["ctxguard.worker.kind"] == "request"
+    assert attrs["http.route"] == "/hidden"
+    assert attrs["code.line.number"] == marker_line("request under the view's app context")
+    assert attrs["ctxguard.hint"] == (
+        "An app context pushed during the request hides the request's own (Flask 3.2):"
+        " the request's context is an app context already, so drop the"
+        " `with app.app_context():`, or read `request` before pushing it."
+    )
+
+
 def test_request_and_session_in_an_app_context_without_a_request(telemetry):
     """``request`` and ``session`` used inside ``with app.app_context():`` (no request) give
     the user Flask's own error unchanged (on Flask 3.2 the app context's own "There is no

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, current_app, g, request, stream_with_context
-from helpers import call, line_of, make_app
+from helpers import MERGED, call, line_of, make_app, wrong_pop
 
 import ctxguard
 
@@ -297,6 +297,12 @@ def test_hint_for_request_in_a_streamed_body(telemetry):
 # Leaks: "ctxguard: <kind> context leaked (<site>), <why>; pushed at <where>, <age>s ago,
 # thread <name>"
 
+#: The kinds of the contexts a view (or a before_request function) leaves pushed, in the
+#: order ``leak_lines`` lists them. Up to Flask 3.1 Flask pops the request's contexts
+#: anyway and only the view's app context is left; 3.2 refuses to pop the request's own
+#: context from under it, so it is left too (reported with the view's line).
+LEFT_BY_A_VIEW = ["app", "request"] if MERGED else ["app"]
+
 LEAK_LINE = re.compile(
     r"ctxguard: (?P<kind>\w+) context leaked \((?P<site>\w+)\), (?P<why>.*); pushed at"
     r" (?P<where>.*), (?P<age>\d+\.\d{3})s ago, thread (?P<thread>.*)"
@@ -318,7 +324,8 @@ def leak_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
 
 def test_leak_line_at_the_end_of_a_request(telemetry, caplog_ctxguard):
     """A view that pushes and never pops: kind, site, the request (method, route template),
-    the push line, the thread."""
+    the push line, the thread. On Flask 3.2, which refuses to pop the request's own context
+    from under the view's, a second line says the same of the request's context."""
     app = make_app()
 
     @app.route("/leak/<name>")
@@ -327,16 +334,17 @@ def test_leak_line_at_the_end_of_a_request(telemetry, caplog_ctxguard):
         return name
 
     ctxguard.CtxGuard(app, **telemetry.providers)
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         call(app, "/leak/x")
-    (line,) = leak_lines(caplog_ctxguard)
-    assert line["kind"] == "app"
-    assert line["site"] == "request_end"
-    assert line["why"] == "pushed during request GET /leak/<name>"
-    assert line["where"] == where(
-        "push: view", "test_leak_line_at_the_end_of_a_request.<locals>.leak"
-    )
-    assert line["thread"] == threading.current_thread().name
+    lines = leak_lines(caplog_ctxguard)
+    assert [line["kind"] for line in lines] == LEFT_BY_A_VIEW
+    for line in lines:
+        assert line["site"] == "request_end"
+        assert line["why"] == "pushed during request GET /leak/<name>"
+        assert line["where"] == where(
+            "push: view", "test_leak_line_at_the_end_of_a_request.<locals>.leak"
+        )
+        assert line["thread"] == threading.current_thread().name
 
 
 def test_leak_line_of_a_request_that_matched_no_route(telemetry, caplog_ctxguard):
@@ -348,10 +356,12 @@ def test_leak_line_of_a_request_that_matched_no_route(telemetry, caplog_ctxguard
         app.app_context().push()  # push: unmatched
 
     ctxguard.CtxGuard(app, **telemetry.providers)
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         call(app, "/nowhere")
-    (line,) = leak_lines(caplog_ctxguard)
-    assert line["why"] == "pushed during request GET <unmatched>"
+    lines = leak_lines(caplog_ctxguard)
+    assert [line["kind"] for line in lines] == LEFT_BY_A_VIEW
+    for line in lines:
+        assert line["why"] == "pushed during request GET <unmatched>"
 
 
 def test_leak_line_in_a_thread_started_by_a_request(telemetry, caplog_ctxguard):
@@ -477,6 +487,34 @@ def test_heal_line_when_a_teardown_raises(telemetry, caplog_ctxguard):
     ]
 
 
+def test_heal_lines_of_a_view_that_never_popped_name_the_views_line(telemetry, caplog_ctxguard):
+    """A view pushes a context and never pops it, in production. On Flask 3.2, which
+    refuses to pop the request's own context from under the view's, both stay current on
+    the thread and are healed at the next request: each heal line names the view's line,
+    as its leak line did (the request's context has no push site of its own and is
+    reported with the view's, even once the view's context has been healed). Up to 3.1
+    Flask popped the request's contexts and the view's is unreachable: nothing to heal."""
+    app = make_app()
+
+    @app.route("/report")
+    def report() -> str:
+        app.app_context().push()  # push: report view
+        return "done"
+
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    with wrong_pop():
+        call(app, "/report")
+    call(app, "/")
+    site = where(
+        "push: report view",
+        "test_heal_lines_of_a_view_that_never_popped_name_the_views_line.<locals>.report",
+    )
+    assert messages(caplog_ctxguard, "ctxguard: popped a stale") == [
+        f"ctxguard: popped a stale {kind} context (pushed at {site}) so its teardown ran"
+        for kind in (LEFT_BY_A_VIEW if MERGED else [])
+    ]
+
+
 # --------------------------------------------------------------------------
 # Unusual pops: "ctxguard: <kind> context popped with outcome <outcome> at <where>"
 
@@ -489,7 +527,7 @@ def test_wrong_order_pop_line_names_the_popping_line(telemetry, caplog_ctxguard)
     inner = app.app_context()
     outer.push()
     inner.push()
-    with pytest.raises(AssertionError):
+    with wrong_pop():
         outer.pop()  # pop: wrong order
     assert messages(caplog_ctxguard, "ctxguard: app context popped") == [
         "ctxguard: app context popped with outcome wrong_context at"
@@ -573,7 +611,8 @@ def test_each_error_line_is_logged_once_per_minute_and_another_line_still_is(
 
 
 def test_leaks_at_two_sites_are_both_logged(telemetry, caplog_ctxguard):
-    """Two leaks with different push sites within a minute: two lines."""
+    """Two leaks with different push sites within a minute: both are logged (a line per
+    context left: on Flask 3.2 each request's own context is left too, and logged as well)."""
     app = make_app()
 
     @app.route("/a")
@@ -588,11 +627,10 @@ def test_leaks_at_two_sites_are_both_logged(telemetry, caplog_ctxguard):
 
     ctxguard.CtxGuard(app, **telemetry.providers)
     for path in ("/a", "/b"):
-        with pytest.raises(AssertionError):
+        with wrong_pop():
             call(app, path)
     assert sorted(line["why"] for line in leak_lines(caplog_ctxguard)) == [
-        "pushed during request GET /a",
-        "pushed during request GET /b",
+        f"pushed during request GET {path}" for path in ("/a", "/b") for _ in LEFT_BY_A_VIEW
     ]
 
 
