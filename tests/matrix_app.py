@@ -9,7 +9,10 @@ stream it must check (``chunk``). ``create_app()`` (gunicorn's target is
 ``matrix_app:create_app()``; ``python -m matrix_app werkzeug|bjoern PORT_FILE`` serves
 it for the servers gunicorn does not run) sets real OpenTelemetry SDK
 providers globally, in-memory, the way a user's set-up would, and
-``/_telemetry`` returns what ctxguard exported, as JSON. A request to it is
+``/_telemetry`` returns what ctxguard exported, as JSON, with what the app
+itself saw (no ctxguard needed): the contexts Flask pushed and tore down, by
+kind, and how many leaky requests were followed by another request on the same
+worker (thread or greenlet). A request to it is
 a clean request like any other: if ctxguard reported something when it
 started, that report is in the numbers it returns.
 
@@ -21,8 +24,12 @@ Views:
   ``/gen-large/<mib>`` (plain generators), ``/file`` (``send_file``), a 404,
   ``/handled/<n>`` (an exception turned into a 409 by an error handler);
 - leaky: ``/leak/request-end/<n>`` pushes an app context and never pops it
-  (one ``request_end`` leak per request; Flask's own pop then fails, so the
-  server answers 500 with or without ctxguard), ``/leak/thread-exit/<n>``
+  (Flask's own pop then fails, so the server answers 500 with or without
+  ctxguard; up to Flask 3.1 that pop happens anyway and the view's context
+  becomes unreachable: one ``request_end`` leak per request; Flask 3.2 refuses
+  it, so the view's context and the request's own stay current on that worker:
+  two ``request_end`` leaks, stale for the worker's next request),
+  ``/leak/thread-exit/<n>``
   starts a thread that pushes an app context and ends without popping it (one
   ``thread_exit`` leak), ``/error/thread-request/<n>`` starts a thread that
   reads ``flask.request`` outside any context (one error, proxy ``request``).
@@ -30,6 +37,8 @@ Views:
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import json
 import os
 import sys
@@ -49,6 +58,7 @@ from flask import (
     send_file,
     stream_with_context,
 )
+from flask.globals import _cv_app
 
 #: Size of one chunk of a large stream.
 CHUNK = 64 * 1024
@@ -70,17 +80,63 @@ _created_pid = 0
 _streams_open: dict[int, int] = {}
 _interleaved = 0
 _lock = threading.Lock()
-# Every app context Flask pushed (its own ``appcontext_pushed`` signal, no ctxguard):
-# on a server that interleaves requests on one thread, a request started while a
-# streamed body holds an app context reuses that one instead of pushing its own.
+# Every context Flask pushed (its own ``appcontext_pushed`` signal, no ctxguard), by
+# what it holds: up to Flask 3.1 the signal is sent for app contexts only (and on a
+# server that interleaves requests on one thread, a request started while a streamed
+# body holds an app context reuses that one instead of pushing its own); Flask 3.2
+# sends it for every context, a request's own (which holds the request) included.
 _app_pushes = 0
+_request_pushes = 0
+# Flask's ``teardown_appcontext`` calls, by what the context torn down holds.
+_teardowns = {"app": 0, "request": 0}
+
+# Which worker serves a request: a thread or a greenlet, told by its own context
+# variables (where Flask keeps its contexts, so what one request leaves current is
+# met by the next request on the same worker, and by no other).
+_worker: contextvars.ContextVar[int] = contextvars.ContextVar("matrix_app_worker")
+_workers = itertools.count(1)
+# /leak/request-end requests whose worker has not started another request since.
+_leaks_pending: dict[int, int] = {}
+# /leak/request-end requests whose worker started another request afterwards.
+_leaks_followed = 0
 
 
-def count_app_push(sender: Any, **kwargs: Any) -> None:
-    """Receiver of Flask's ``appcontext_pushed``: the ground truth of app context pushes."""
-    global _app_pushes
+def count_push(sender: Any, **kwargs: Any) -> None:
+    """Receiver of Flask's ``appcontext_pushed``: the ground truth of context pushes.
+
+    The context just pushed is the current one when Flask sends the signal; only
+    Flask 3.2's contexts can hold a request (``has_request``).
+    """
+    global _app_pushes, _request_pushes
+    holds_request = getattr(_cv_app.get(None), "has_request", False)
     with _lock:
-        _app_pushes += 1
+        if holds_request:
+            _request_pushes += 1
+        else:
+            _app_pushes += 1
+
+
+def count_teardown(error: BaseException | None) -> None:
+    """``teardown_appcontext`` of the app: the ground truth of contexts torn down.
+
+    Flask runs it before it resets its context variable: the context torn down is
+    the current one, except up to Flask 3.1 for the request's app context popped
+    under a context the view never popped (it holds no request either way).
+    """
+    kind = "request" if getattr(_cv_app.get(None), "has_request", False) else "app"
+    with _lock:
+        _teardowns[kind] += 1
+
+
+def this_worker() -> int:
+    """A number for the worker (thread or greenlet) running this code, the same for
+    every request it serves."""
+    serial = _worker.get(None)
+    if serial is None:
+        with _lock:
+            serial = next(_workers)
+        _worker.set(serial)
+    return serial
 
 
 def chunk(tag: str, index: int) -> bytes:
@@ -141,7 +197,8 @@ def build_app() -> Flask:
     """The views; no telemetry, no ctxguard."""
     app = Flask("matrix_app")
     data_file = Path(__file__)
-    appcontext_pushed.connect(count_app_push, app)
+    appcontext_pushed.connect(count_push, app)
+    app.teardown_appcontext(count_teardown)
 
     @app.before_request
     def note_interleaving() -> None:
@@ -149,6 +206,13 @@ def build_app() -> Flask:
         if _streams_open.get(threading.get_ident()):
             with _lock:
                 _interleaved += 1
+
+    @app.before_request
+    def note_worker() -> None:
+        global _leaks_followed
+        worker = this_worker()
+        with _lock:
+            _leaks_followed += _leaks_pending.pop(worker, 0)
 
     @app.errorhandler(Refused)
     def refused(error: Refused) -> tuple[Response, int]:
@@ -226,6 +290,9 @@ def build_app() -> Flask:
     @app.route("/leak/request-end/<int:n>")
     def leak_request_end(n: int) -> str:
         current_app.app_context().push()  # never popped: a request_end leak
+        worker = this_worker()
+        with _lock:
+            _leaks_pending[worker] = _leaks_pending.get(worker, 0) + 1
         return f"pushed {n}\n"
 
     @app.route("/leak/thread-exit/<int:n>")
@@ -288,6 +355,9 @@ def telemetry_report() -> dict[str, Any]:
         "spans": spans,
         "interleaved": _interleaved,
         "app_pushes": _app_pushes,
+        "request_pushes": _request_pushes,
+        "teardowns": dict(_teardowns),
+        "leaks_followed": _leaks_followed,
         "snapshot": snapshot,
         "ctxguard": where,
     }
