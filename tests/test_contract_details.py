@@ -1106,6 +1106,23 @@ def test_a_library_in_the_interpreters_own_site_packages_is_a_library(telemetry)
         ctxguard.uninstall()
 
 
+def test_an_app_installed_in_the_interpreters_own_site_packages_is_the_users(telemetry):
+    """An app installed into the interpreter's own ``site-packages`` (a container image
+    without a virtualenv: inside the standard library's directory) is still the user's:
+    its line is reported, not looked through as the standard library's."""
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for packages in ("site-packages", "dist-packages"):
+        telemetry.exporter.clear()
+        root = f"{stdlib}/{packages}/shopapp"
+        app = Flask("shopapp", root_path=root)
+        ctxguard.CtxGuard(app, **telemetry.providers)
+        push = defined_in(f"{root}/helpers.py", "shopapp.helpers", PUSHER, "push")
+        assert leak_site_of(telemetry, push, app) == (f"{root}/helpers.py", 2)
+        ctxguard.uninstall()
+
+
 def test_an_app_installed_in_site_packages_is_the_users_but_its_venv_is_not(telemetry, tmp_path):
     """An app installed into ``site-packages`` (a container image): a file under its root
     path is the user's, whatever its module name; a library in an environment kept inside

@@ -803,7 +803,7 @@ def test_start_up_line_lists_every_setting_and_its_source(monkeypatch, telemetry
         heal=True,
         propagate="app",
         in_app_include=["myapp", "mylib.tasks"],
-        in_app_exclude=["vendored"],
+        in_app_exclude=["vendored", "mylib.compat"],
         **telemetry.providers,
     )
     lines = [
@@ -815,7 +815,8 @@ def test_start_up_line_lists_every_setting_and_its_source(monkeypatch, telemetry
         " propagate=off (default), in_app_include=none (default), in_app_exclude=none (default)",
         "ctxguard: guarding testapp: environment=production (argument), policy=warn"
         " (CTXGUARD_POLICY), heal=on (argument), propagate=app (argument),"
-        " in_app_include=myapp,mylib.tasks (argument), in_app_exclude=vendored (argument)",
+        " in_app_include=myapp,mylib.tasks (argument), in_app_exclude=vendored,mylib.compat"
+        " (argument)",
     ]
 
 
