@@ -98,7 +98,17 @@ def peer_flask_main(session: nox.Session) -> None:
     # After the extra: the snapshot replaces the Flask it brought.
     session.install(snapshot, WERKZEUG_FOR_FLASK_MAIN)
     session.run("python", "-c", SHOW_VERSIONS)
-    session.run("python", "tests/peer/run.py", f"--sdist=flask={snapshot}", *session.posargs)
+    # The extensions' released suites predate Flask 3.2 and fail on it without ctxguard:
+    # Flask-Login 0.6.3's expect redirect()'s 302 (3.2 answers 303), Flask-WTF 1.3.0's
+    # test_form_csrf. Those tests are still compared: they must fail alike with ctxguard.
+    session.run(
+        "python",
+        "tests/peer/run.py",
+        f"--sdist=flask={snapshot}",
+        "--allow-plain-failures=flask-login",
+        "--allow-plain-failures=flask-wtf",
+        *session.posargs,
+    )
 
 
 @nox.session(python="3.11")

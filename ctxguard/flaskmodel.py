@@ -138,6 +138,11 @@ def request_hidden() -> bool:
 _DEPTH = 32
 
 
+def is_pushed(ctx: Any) -> bool:
+    """Is this context pushed already (Flask 3.2: a push then only counts one more)?"""
+    return getattr(ctx, "_cv_token", None) is not None
+
+
 def current_contexts() -> list[tuple[Any, str]]:
     """The contexts current on this worker with their kinds, oldest first."""
     if merged():

@@ -279,17 +279,38 @@ def _site_of(frame: Any, request: RequestInfo | None) -> Site | None:
     return site
 
 
-def _recorder(kind: str | None) -> Callable[[Any, Any], None]:
-    """What a push of this kind records, given the frame that called ``push``
-    (kind ``None``: the context's own, ``flaskmodel.kind_of``)."""
+def _home_request(ctx: Any, w: Worker) -> RequestInfo | None:
+    """The request of the push that made ``ctx`` current on another worker.
 
-    def record(ctx: Any, frame: Any) -> None:
+    On Flask 3.2 pushing a context that is already pushed only counts one more
+    push; the context stays where it is current, whoever pops it last. Such a
+    push in a worker of its own (an async view runs in an executor thread and
+    ``stream_with_context`` pushes the request's context there, to be popped
+    when the body ends on the serving thread) belongs to that request, not to
+    the worker's task.
+    """
+    for other in live_workers():
+        if other is not w:
+            for record in reversed(list(other.open)):
+                if record[_CTX] is ctx:
+                    return record[_REQUEST]
+    return None
+
+
+def _recorder(kind: str | None) -> Callable[[Any, Any, bool], None]:
+    """What a push of this kind records, given the frame that called ``push``
+    (kind ``None``: the context's own, ``flaskmodel.kind_of``) and whether the
+    context was pushed already before it (Flask 3.2)."""
+
+    def record(ctx: Any, frame: Any, nested: bool = False) -> None:
         try:
             try:
                 w = _local.worker
             except AttributeError:
                 w = _new_worker()
             request = w.request
+            if nested and request is None:
+                request = _home_request(ctx, w)
             code = frame.f_code
             k = kind if kind is not None else flaskmodel.kind_of(ctx)
             if code is _request_push_code or code is _wsgi_app_code:
@@ -327,31 +348,33 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
     if not _takes(original, ["self"]):
 
         def push_any(self: Any, *args: Any, **kwargs: Any) -> Any:
+            nested = kind is None and flaskmodel.is_pushed(self)
             try:
                 result = original(self, *args, **kwargs)
             except BaseException:
                 if _is_current(self, kind):
-                    record(self, _getframe(1))
+                    record(self, _getframe(1), nested)
                 raise
-            record(self, _getframe(1))
+            record(self, _getframe(1), nested)
             return result
 
         return _like(push_any, original)
 
     pushes = _pushes
     request_kind = telemetry.KIND_REQUEST
-    kind_of = flaskmodel.kind_of
+    kind_of, is_pushed = flaskmodel.kind_of, flaskmodel.is_pushed
     file_kinds, user = frames.file_kinds, frames.USER
 
     # Flask's own signature, and record() inlined: this runs on every request,
     # where each Python call and each *args tuple shows (docs/benchmarks.md).
     def push(self: Any) -> None:
+        nested = kind is None and is_pushed(self)
         try:
             original(self)
         except BaseException:
             # A receiver of appcontext_pushed raised after the context became current.
             if _is_current(self, kind):
-                record(self, _getframe(1))
+                record(self, _getframe(1), nested)
             raise
         try:
             try:
@@ -359,6 +382,8 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
             except AttributeError:
                 w = _new_worker()
             request = w.request
+            if nested and request is None:
+                request = _home_request(self, w)
             frame = _getframe(1)
             code = frame.f_code
             k = kind if kind is not None else kind_of(self)
@@ -554,6 +579,12 @@ def _pop_elsewhere(w: Worker, ctx: Any, kind: str, exc: BaseException | None) ->
         for record in list(owner.open):
             if record[_CTX] is ctx:
                 record[_CTX] = None
+                request = record[_REQUEST]
+                if flaskmodel.merged() and request is not None and request is w.request:
+                    # Flask 3.2: the other worker's push only counted one more push of
+                    # this request's context, and the request's own code ends it where
+                    # the context lives (see _home_request): nothing wrong to log.
+                    return
                 break
     _log_pop(kind, telemetry.OUTCOME_CROSS)
 
