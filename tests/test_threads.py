@@ -281,6 +281,16 @@ def assert_origin_kept(telemetry: Any, worker_kind: str, request_span: Any) -> N
     assert telemetry.value(ERRORS) == 1
 
 
+def serve_under_a_server_span(app: Flask, telemetry: Any) -> Any:
+    """Guard ``app`` and serve one request to it inside a span standing for the server's;
+    that span's context."""
+    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
+    tracer = telemetry.tracer_provider.get_tracer("server")
+    with tracer.start_as_current_span("GET " + ROUTE) as server:
+        assert app.test_client().get("/items/7").status_code == 200
+    return server.get_span_context()
+
+
 @pytest.mark.parametrize("how", ["thread", "executor"])
 def test_work_started_in_a_request_keeps_its_origin_on_either_context_model(telemetry, how):
     """A thread or an executor task started while a request is served keeps that request
@@ -291,14 +301,9 @@ def test_work_started_in_a_request_keeps_its_origin_on_either_context_model(tele
     spawn, worker_kind = SPAWNERS[how]
     seen: dict[str, Any] = {}
     app = spawning_app(spawn, seen)
-    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-    tracer = telemetry.tracer_provider.get_tracer("server")
-
-    with tracer.start_as_current_span("GET " + ROUTE) as server:
-        assert app.test_client().get("/items/7").status_code == 200
-
+    server = serve_under_a_server_span(app, telemetry)
     assert_outside_request_error(seen["error"])
-    assert_origin_kept(telemetry, worker_kind, server.get_span_context())
+    assert_origin_kept(telemetry, worker_kind, server)
 
 
 @pytest.mark.parametrize("how", ["thread", "executor"])
@@ -317,14 +322,9 @@ def test_work_started_under_an_app_context_a_view_pushed_keeps_the_requests_orig
             spawn(seen)
         return "ok"
 
-    ctxguard.CtxGuard(app, environment="production", **telemetry.providers)
-    tracer = telemetry.tracer_provider.get_tracer("server")
-
-    with tracer.start_as_current_span("GET " + ROUTE) as server:
-        assert app.test_client().get("/items/7").status_code == 200
-
+    server = serve_under_a_server_span(app, telemetry)
     assert_outside_request_error(seen["error"])
-    assert_origin_kept(telemetry, worker_kind, server.get_span_context())
+    assert_origin_kept(telemetry, worker_kind, server)
 
 
 # --------------------------------------------------------------------------
