@@ -22,7 +22,11 @@ ctxguard mode, when ctxguard reports anything during collection, and when the
 comparison itself cannot be trusted: a run that crashed or timed out, a plain
 run with failures (the environment is wrong, not ctxguard), a ctxguard mode in
 which ctxguard saw no context at all, or a suite that imported its package
-from the sdist instead of the installed one. Reports during the tests do not
+from the sdist instead of the installed one (``--allow-plain-failures SUITE``
+lets a released suite fail without ctxguard against a development Flask; each
+of its tests must still have the same outcome with it). ``--sdist SUITE=PATH``
+takes a suite's tests from a local archive (the snapshot of Flask's main
+branch). Reports during the tests do not
 fail the run, since some may be true: they are listed, grouped, for a person
 to judge, and written in full to the JSON results.
 
