@@ -39,9 +39,12 @@ _KIND = 1
 _SITE = 2
 _PUSHED_AT = 3
 _REQUEST = 4
+#: Flask 3.2: the context was pushed already, so this push only counted one more
+#: (see ``_home_request``).
+_NESTED = 5
 #: A record has these fields; whoever reports it as leaked appends a token to it
 #: (see ``claim``), so a longer record has been reported.
-_FIELDS = 5
+_FIELDS = 6
 
 # Counters. ``next()`` on an ``itertools.count`` is one C call, atomic under the
 # GIL: exact across threads without a lock, and cheaper than any Python-level
@@ -320,7 +323,7 @@ def _recorder(kind: str | None) -> Callable[[Any, Any, bool], None]:
                     request.rule = getattr(getattr(ctx, "request", None), "url_rule", None)
             else:
                 site = _site_of(frame, request)
-            w.open.append([ctx, k, site, _monotonic(), request])
+            w.open.append([ctx, k, site, _monotonic(), request, nested])
             next(_pushes[k])
         except Exception as exc:
             telemetry.fault("ledger push", exc)
@@ -395,7 +398,7 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
                 site = (code, frame.f_lasti)  # pushed straight from user code: no walk
             else:
                 site = _site_of(frame, request)
-            w.open.append([self, k, site, _monotonic(), request])
+            w.open.append([self, k, site, _monotonic(), request, nested])
             next(pushes[k])
         except Exception as exc:
             telemetry.fault("ledger push", exc)
@@ -579,11 +582,10 @@ def _pop_elsewhere(w: Worker, ctx: Any, kind: str, exc: BaseException | None) ->
         for record in list(owner.open):
             if record[_CTX] is ctx:
                 record[_CTX] = None
-                request = record[_REQUEST]
-                if flaskmodel.merged() and request is not None and request is w.request:
+                if record[_NESTED]:
                     # Flask 3.2: the other worker's push only counted one more push of
-                    # this request's context, and the request's own code ends it where
-                    # the context lives (see _home_request): nothing wrong to log.
+                    # a context current here, and Flask ended it where the context
+                    # lives (see _home_request): nothing wrong to log.
                     return
                 break
     _log_pop(kind, telemetry.OUTCOME_CROSS)
@@ -777,7 +779,7 @@ def record_current_context(w: Worker) -> None:
     """
     known = {id(record[_CTX]) for record in w.open}
     adopted = [
-        [ctx, kind, None, _monotonic(), None]
+        [ctx, kind, None, _monotonic(), None, False]
         for ctx, kind in flaskmodel.current_contexts()
         if id(ctx) not in known
     ]

@@ -84,6 +84,18 @@ def without_ids(text: str) -> str:
     return _IDS.sub("<id>", text)
 
 
+def read_and_close_streams(client: Any) -> None:
+    """Flask's own ``test_async_view`` sequence against ``/``, a ``stream_with_context``
+    body that yields ``flask``: closed unread, read, then each again inside
+    ``with client:`` (one context pushed by the request, the stream and the client)."""
+    client.get().close()
+    assert client.get().text == "flask"
+    with client:
+        client.get().close()
+    with client:
+        assert client.get().text == "flask"
+
+
 def wrong_pop(kind: str = "app") -> Any:
     """``pytest.raises`` for Flask's complaint about a context popped out of order:
     an ``AssertionError`` after the pop up to Flask 3.1, a ``RuntimeError``
