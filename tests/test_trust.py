@@ -29,7 +29,7 @@ from typing import Any
 import flask
 import pytest
 from flask import Flask, g, request, session, stream_with_context
-from helpers import MERGED, call, environ, line_of, make_app, wrong_pop
+from helpers import MERGED, call, environ, line_of, make_app, read_and_close_streams, wrong_pop
 from opentelemetry.sdk.trace import SpanProcessor
 
 import ctxguard
@@ -392,13 +392,7 @@ def test_a_stream_closed_unread_inside_with_client_leaks_nothing(telemetry):
         return flask.Response(gen())
 
     ctxguard.CtxGuard(app, **telemetry.providers)
-    client = app.test_client()
-    client.get().close()
-    assert client.get().text == "flask"
-    with client:
-        client.get().close()
-    with client:
-        assert client.get().text == "flask"
+    read_and_close_streams(app.test_client())
     assert not flask.has_request_context()
     assert telemetry.value(LEAKS) == 0
     assert telemetry.spans() == []
