@@ -654,6 +654,12 @@ class OpenContext:
         ctx = self.handle[_CTX]
         return ctx is not None and not isinstance(ctx, weakref.ref)
 
+    @property
+    def nested(self) -> bool:
+        """Flask 3.2: pushed while it was pushed already, so the push only counted one
+        more; the context lives, and is popped, where it was first pushed."""
+        return bool(self.handle[_NESTED])
+
     def context(self) -> Any:
         ctx = self.handle[_CTX]
         return ctx() if isinstance(ctx, weakref.ref) else ctx

@@ -1511,14 +1511,16 @@ def test_a_done_callback_on_the_pool_thread_is_executor_work(telemetry):
     assert telemetry.value(ERRORS, {"ctxguard.worker.kind": "executor"}) == 1
 
 
-def test_an_async_view_streaming_with_context_reports_nothing(telemetry, caplog_ctxguard):
+@pytest.mark.parametrize("how", ["CtxGuard", "install"])
+def test_an_async_view_streaming_with_context_reports_nothing(telemetry, caplog_ctxguard, how):
     """An async view (asgiref runs it in an executor thread, with the request's context
     variables) returns a ``stream_with_context`` body, read or closed unread, also inside
     ``with client:``, as in Flask's own ``test_async_view``. On Flask 3.2 the stream's push
     of the request's context in that thread only counts one more push of a context current
     on the serving thread, popped there when the body (or the ``with`` block) ends: no leak
-    at the task's end, no warning, and every push counted is popped. (Up to 3.1 the push
-    and its pop stay in the executor.)"""
+    at the task's end, no warning, and every push counted is popped; with the middleware
+    and with the process hooks alone (no request is known to ctxguard then). (Up to 3.1
+    the push and its pop stay in the executor.)"""
     app = flask.Flask("asyncstream")
     app.secret_key = "not-a-secret"
 
@@ -1536,7 +1538,10 @@ def test_an_async_view_streaming_with_context_reports_nothing(telemetry, caplog_
         read_and_close_streams(app.test_client())  # without ctxguard first
     except ValueError:
         pytest.skip("Flask before 3.1 cannot stream with context from an async view")
-    ctxguard.CtxGuard(app, **telemetry.providers)
+    if how == "CtxGuard":
+        ctxguard.CtxGuard(app, **telemetry.providers)
+    else:
+        ctxguard.install(**telemetry.providers)
     read_and_close_streams(app.test_client())
     assert telemetry.points("ctxguard.context.leaks") == []
     assert telemetry.spans() == []
