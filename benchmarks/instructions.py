@@ -4,7 +4,8 @@ Timings on a shared machine move by 10-30 % from round to round; instruction
 counts do not. This runs each operation of ``bench.py`` under
 ``valgrind --tool=cachegrind`` (no cache simulation) twice, with ``N`` and
 ``2N`` operations after the same warm-up, so the difference is the cost of
-``N`` operations and nothing else (start-up, imports and warm-up cancel out).
+``N`` operations and nothing else (start-up, imports and warm-up cancel out;
+the garbage collector is off while they run, see ``_child``).
 Each variant runs in a process of its own: bare (``ctxguard.uninstall()``) and
 guarded (``ctxguard.install()``, and ``CtxGuard`` for (a)).
 
@@ -20,6 +21,7 @@ only; always exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -64,6 +66,11 @@ def _child(operation: str, variant: str, n: int) -> None:
         "executor": lambda k: bench.time_executor(k, clock),
     }
     run[operation](200)  # warm-up: caches, specialised bytecode, first-request work
+    # A full collection walks every object of the process (millions of
+    # instructions): whether one falls in the N or the 2N run would swamp the
+    # difference. Garbage made per operation still shows in bench.py's times.
+    gc.collect()
+    gc.disable()
     run[operation](n)
 
 

@@ -363,20 +363,24 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
 
         return _like(push_any, original)
 
+    # Flask's own signature, and record() inlined: this runs on every request,
+    # where each Python call, each *args tuple and each bytecode shows
+    # (docs/benchmarks.md).
+    file_kinds, user = frames.file_kinds, frames.USER
+    if kind is not None:
+        return _like(_fixed_push(original, kind, record, file_kinds, user), original)
+
     pushes = _pushes
     request_kind = telemetry.KIND_REQUEST
     kind_of, is_pushed = flaskmodel.kind_of, flaskmodel.is_pushed
-    file_kinds, user = frames.file_kinds, frames.USER
 
-    # Flask's own signature, and record() inlined: this runs on every request,
-    # where each Python call and each *args tuple shows (docs/benchmarks.md).
     def push(self: Any) -> None:
-        nested = kind is None and is_pushed(self)
+        nested = is_pushed(self)
         try:
             original(self)
         except BaseException:
             # A receiver of appcontext_pushed raised after the context became current.
-            if _is_current(self, kind):
+            if _is_current(self, None):
                 record(self, _getframe(1), nested)
             raise
         try:
@@ -389,7 +393,7 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
                 request = _home_request(self, w)
             frame = _getframe(1)
             code = frame.f_code
-            k = kind if kind is not None else kind_of(self)
+            k = kind_of(self)
             if code is _request_push_code or code is _wsgi_app_code:
                 site = None
                 if k == request_kind and request is not None and request.rule is None:
@@ -404,6 +408,51 @@ def _make_push(original: Callable[..., Any], kind: str | None) -> Callable[..., 
             telemetry.fault("ledger push", exc)
 
     return _like(push, original)
+
+
+def _fixed_push(
+    original: Callable[..., Any],
+    kind: str,
+    record: Callable[[Any, Any, bool], None],
+    file_kinds: dict[str, str],
+    user: str,
+) -> Callable[[Any], None]:
+    """The push hook of a class whose contexts are all of one kind (Flask <= 3.1):
+    nothing to work out per push but the record itself."""
+    counter = _pushes[kind]
+    matches_rule = kind == telemetry.KIND_REQUEST
+
+    def push(self: Any) -> None:
+        try:
+            original(self)
+        except BaseException:
+            # A receiver of appcontext_pushed raised after the context became current.
+            if _is_current(self, kind):
+                record(self, _getframe(1), False)
+            raise
+        try:
+            try:
+                w = _local.worker
+            except AttributeError:
+                w = _new_worker()
+            request = w.request
+            frame = _getframe(1)
+            code = frame.f_code
+            if code is _request_push_code or code is _wsgi_app_code:
+                # Flask pushing for the request it serves: no user site.
+                if matches_rule and request is not None and request.rule is None:
+                    request.rule = getattr(getattr(self, "request", None), "url_rule", None)
+                w.open.append([self, kind, None, _monotonic(), request, False])
+            elif request is None and file_kinds.get(code.co_filename) == user:
+                # Pushed straight from user code: no walk.
+                w.open.append([self, kind, (code, frame.f_lasti), _monotonic(), None, False])
+            else:
+                w.open.append([self, kind, _site_of(frame, request), _monotonic(), request, False])
+            next(counter)
+        except Exception as exc:
+            telemetry.fault("ledger push", exc)
+
+    return push
 
 
 def _make_pop(original: Callable[..., Any], kind: str | None) -> Callable[..., Any]:
@@ -429,6 +478,8 @@ def _make_pop(original: Callable[..., Any], kind: str | None) -> Callable[..., A
         return _like(pop_any, original)
 
     sentinel = defaults[0]
+    # One kind per class up to Flask 3.1: its counter, with no look-up per pop.
+    fixed = ok[kind] if kind is not None else None
 
     # Flask's own signature, and _take() inlined for its usual case, for the
     # same reason as push.
@@ -439,8 +490,9 @@ def _make_pop(original: Callable[..., Any], kind: str | None) -> Callable[..., A
             w = _new_worker()
         open_ = w.open
         where = None  # on top
-        if open_ and open_[-1][_CTX] is self and open_[-1][_REQUEST] is w.request:
-            record = open_.pop()
+        record = open_[-1] if open_ else None
+        if record is not None and record[_CTX] is self and record[_REQUEST] is w.request:
+            open_.pop()
             if open_ and record[_SITE] is not None:
                 _keep_site(open_, self, record[_SITE])
         else:
@@ -452,6 +504,8 @@ def _make_pop(original: Callable[..., Any], kind: str | None) -> Callable[..., A
             raise
         if record is None:
             _after_pop(w, self, kind, None, None)
+        elif fixed is not None:
+            next(fixed)
         else:
             next(ok[record[_KIND]])
 

@@ -185,22 +185,23 @@ class CtxGuardMiddleware:
             try:
                 if telemetry.pending:
                     telemetry.drain_if_safe(sys._getframe(1))
-                if threading.get_ident is not ledger.ident and process.installed():
-                    process.rebind()  # gevent patched threading after ctxguard was installed
-                w = ledger.worker()
-                # Not inside another guarded request (two middlewares), and installed.
-                if w.request is None and process.installed():
-                    test: bool | None = None
-                    if not self._first_request_seen or policy.PRESERVE_KEY in environ:
-                        test = policy.test_client_request(sys._getframe(1))
-                        if not test:
-                            if not self._first_request_seen:
-                                self._first_request(environ)
-                            if policy.PRESERVE_KEY in environ:
-                                self._preserve_key(environ)
-                    if w.open:
-                        self._check_start(w, test)
-                    info = RequestInfo(environ.get("REQUEST_METHOD"))
+                if process.installed():
+                    if threading.get_ident is not ledger.ident:
+                        process.rebind()  # gevent patched threading after ctxguard was installed
+                    w = ledger.worker()
+                    # Not inside another guarded request (two middlewares).
+                    if w.request is None:
+                        test: bool | None = None
+                        if not self._first_request_seen or policy.PRESERVE_KEY in environ:
+                            test = policy.test_client_request(sys._getframe(1))
+                            if not test:
+                                if not self._first_request_seen:
+                                    self._first_request(environ)
+                                if policy.PRESERVE_KEY in environ:
+                                    self._preserve_key(environ)
+                        if w.open:
+                            self._check_start(w, test)
+                        info = RequestInfo(environ.get("REQUEST_METHOD"))
             except Exception as exc:
                 telemetry.fault("middleware", exc)
                 info = None
@@ -211,10 +212,15 @@ class CtxGuardMiddleware:
 
         w.request = info
         try:
-            if self._function is None:
+            function = self._function
+            if function is None:
                 body = self._wsgi_app(environ, start_response)  # type: ignore[misc]
             else:
-                body = self._call_app(environ, start_response)
+                app = self._weak_app() if self._weak_app is not None else None
+                if app is None:
+                    body = self._call_app(environ, start_response)  # raises: app collected
+                else:
+                    body = function(app, environ, start_response)
         except BaseException:
             w.request = None
             self._end(w, info)
@@ -339,6 +345,8 @@ def _closing_runs_code(body: Any) -> bool:
     """
     try:
         response = body._callbacks[-1].__self__
+        if type(response.response) is list:  # what Flask makes of a str, bytes or JSON
+            return bool(response._on_close)
         return bool(
             response._on_close or response.is_streamed or hasattr(response.response, "close")
         )
