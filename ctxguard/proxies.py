@@ -126,7 +126,10 @@ def _guarded(proxy: str, kind: str, local: Any, get_name: Any, message: Any) -> 
         except LookupError:
             error = RuntimeError(message)
             _outside(proxy, kind, error)
-            raise error from None
+            try:
+                raise error from None
+            finally:
+                del error  # else error -> traceback -> this frame -> error: a cycle
 
         return get_name(obj)
 
@@ -150,7 +153,10 @@ def _guarded_merged(
         except LookupError:
             error = RuntimeError(message)
             _outside(proxy, kind, error)
-            raise error from None
+            try:
+                raise error from None
+            finally:
+                del error  # else error -> traceback -> this frame -> error: a cycle
         try:
             return get_name(obj)
         except RuntimeError as error:

@@ -7,6 +7,7 @@ import _thread
 import asyncio
 import code
 import copy
+import gc
 import importlib
 import inspect
 import json
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
@@ -136,6 +138,38 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 # --------------------------------------------------------------------------
 # 1. Each proxy outside its context.
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["bare", "guarded"])
+def test_a_failing_proxy_access_frees_the_callers_locals_at_once(telemetry, installed):
+    """A reported error leaves no reference cycle behind: the function that touched the
+    proxy (and caught the error) frees its locals when it returns, as without ctxguard, not
+    at some later garbage collection (their finalisers would run late, and every reported
+    error would add work for the collector)."""
+    if installed:
+        ctxguard.install(**telemetry.providers)
+    finalised: list[str] = []
+
+    class Resource:
+        pass
+
+    def work() -> None:
+        resource = Resource()
+        weakref.finalize(resource, finalised.append, "freed")
+        try:
+            request.method  # noqa: B018
+        except RuntimeError:
+            pass
+
+    gc.collect()
+    gc.disable()
+    try:
+        work()
+        assert finalised == ["freed"]
+    finally:
+        gc.enable()
+    if installed:
+        assert len(telemetry.spans(ERROR_SPAN)) == 1
 
 
 @pytest.mark.parametrize(("name", "kind", "attr"), CASES)

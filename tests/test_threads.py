@@ -6,6 +6,8 @@ Real threads and real executors; telemetry through the SDK's in-memory exporter 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import os
 import subprocess
@@ -840,7 +842,8 @@ def test_a_start_that_is_not_a_function_is_wrapped_and_restored(telemetry, monke
 def test_submitted_function_keeps_its_identity(telemetry, monkeypatch):
     """A wrapper installed before ctxguard (as Sentry's or OpenTelemetry's are) receives
     ctxguard's task wrapper: it still carries the function's name, qualname, doc and module,
-    and ``__wrapped__`` is the function itself. Uninstall puts that wrapper back."""
+    and ``__wrapped__`` is the function itself, its annotations and attributes as
+    ``functools.update_wrapper`` would give them. Uninstall puts that wrapper back."""
     received: list[Any] = []
     original = vars(ThreadPoolExecutor)["submit"]
 
@@ -855,6 +858,7 @@ def test_submitted_function_keeps_its_identity(telemetry, monkeypatch):
         """Build the nightly report."""
         return n * 2
 
+    build_report.schedule = "nightly"  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=1) as pool:
         assert pool.submit(build_report, 21).result() == 42
     (task,) = received
@@ -864,6 +868,10 @@ def test_submitted_function_keeps_its_identity(telemetry, monkeypatch):
     assert task.__doc__ == "Build the nightly report."
     assert task.__module__ == __name__
     assert task.__wrapped__ is build_report
+    reference = functools.update_wrapper(lambda: None, build_report)
+    for name in (*functools.WRAPPER_ASSIGNMENTS, "schedule"):
+        assert getattr(task, name) == getattr(reference, name), name
+    assert inspect.signature(task) == inspect.signature(build_report)
 
     ctxguard.uninstall()
     assert vars(ThreadPoolExecutor)["submit"] is recording_submit
