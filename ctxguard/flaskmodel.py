@@ -69,12 +69,16 @@ class Model:
 
 
 _model: Model | None = None
+#: Up to Flask 3.1: the request context's own variable, read by ``request_context``
+#: on every thread start and executor submit.
+_request_var: Any = None
 
 
 def detect() -> Model:
     """Look the installed Flask's model up (at install: Flask is imported by then)."""
-    global _model
+    global _model, _request_var
     _model = Model()
+    _request_var = None if _model.merged else _model.variables.get(telemetry.KIND_REQUEST)
     return _model
 
 
@@ -115,6 +119,12 @@ def request_context() -> Any:
     (``request`` fails there), so the contexts under the current one are
     looked through, as Flask stacked them.
     """
+    var = _request_var
+    if var is not None:
+        try:
+            return var.get(None)
+        except Exception:
+            return None
     if not merged():
         return current(telemetry.KIND_REQUEST)
     ctx = current(telemetry.KIND_APP)

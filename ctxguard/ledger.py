@@ -414,8 +414,8 @@ def _fixed_push(
     original: Callable[..., Any],
     kind: str,
     record: Callable[[Any, Any, bool], None],
-    file_kinds: dict[str, str],
-    user: str,
+    file_kinds: dict[str, int],
+    user: int,
 ) -> Callable[[Any], None]:
     """The push hook of a class whose contexts are all of one kind (Flask <= 3.1):
     nothing to work out per push but the record itself."""
