@@ -21,7 +21,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 from types import CodeType, FrameType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 Site = tuple[CodeType, int]
 
@@ -155,6 +155,7 @@ def reset() -> None:
     _app_packages.clear()
     _app_dirs = ()
     file_kinds.clear()
+    _described.clear()
 
 
 def _is_stdlib(path: str) -> bool:
@@ -281,11 +282,28 @@ def where(location: Location | None, unknown: str) -> str:
     return f"{location.file}:{location.line} in {location.function}"
 
 
+#: Sites already described, by code identity and offset (hashing a code object walks
+#: its bytecode): one line of code reported again and again is worked out once.
+_described: dict[tuple[int, int], tuple[Any, Location]] = {}
+
+
 def describe(site: Site | None) -> Location | None:
-    """Turn a site into file, line and function (slow: only when reporting)."""
+    """Turn a site into file, line and function (only when reporting)."""
     if site is None:
         return None
     code, lasti = site
+    key = (id(code), lasti)
+    known = _described.get(key)
+    if known is not None and known[0] is code:
+        return known[1]
+    location = _describe(code, lasti)
+    if len(_described) > 1_000:  # bounded, whatever the sites
+        _described.clear()
+    _described[key] = (code, location)
+    return location
+
+
+def _describe(code: Any, lasti: int) -> Location:
     line = code.co_firstlineno
     for start, end, lineno in code.co_lines():
         if start <= lasti < end and lineno is not None:
