@@ -1,0 +1,100 @@
+"""The alerting rules and the dashboard shipped in deploy/: valid, tested, and in
+step with the telemetry contract.
+
+promtool comes with Prometheus (Debian: ``apt-get install prometheus``). Without
+it these tests skip, unless ``CTXGUARD_REQUIRE_TOOLS`` is set (CI sets it), so a
+missing install step fails CI instead of hiding a test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ctxguard import telemetry
+from ctxguard.integrations import prometheus
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+RULES = DEPLOY / "prometheus" / "ctxguard-rules.yml"
+RULES_TESTS = DEPLOY / "prometheus" / "ctxguard-rules.test.yml"
+RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "runbook.md"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        message = "promtool not found (Debian: apt-get install prometheus)"
+        if os.environ.get("CTXGUARD_REQUIRE_TOOLS"):
+            pytest.fail(message + "; CTXGUARD_REQUIRE_TOOLS is set")
+        pytest.skip(message)
+    return found
+
+
+def test_the_rules_file_is_valid_prometheus():
+    """Prometheus loads the shipped rules file as it is (promtool check rules)."""
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout
+
+
+def test_every_alert_fires_when_it_should_and_only_then():
+    """promtool's unit tests of the rules: each alert fires for the series its scenario
+    makes (including a first event, whose series starts at 1, and a start-up policy
+    violation that never moves) and stays silent for a clean or restarted worker."""
+    result = subprocess.run(
+        [promtool(), "test", "rules", RULES_TESTS.name],
+        capture_output=True,
+        text=True,
+        cwd=RULES_TESTS.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def _used_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(ctxguard_[a-z_]+|http_route)\b", text))
+
+
+def test_the_rules_use_only_names_of_the_telemetry_contract():
+    """Every metric and label a rule names is one ctxguard emits, as Prometheus names it
+    (a renamed metric would leave an alert that can never fire)."""
+    known = prometheus.names()
+    labels = {name for series_labels in known.values() for name in series_labels}
+    rules = RULES.read_text()
+    unknown = _used_names(rules) - set(known) - labels
+    assert not unknown, f"not in the telemetry contract: {sorted(unknown)}"
+    # Each metric appears with labels it really has.
+    for metric, selector_labels in re.findall(r"(ctxguard_[a-z_]+)\{([^}]*)\}", rules):
+        for name in re.findall(r"(\w+)\s*=", selector_labels):
+            assert name in known[metric], (metric, name)
+
+
+def test_each_alert_links_to_its_runbook_section():
+    """Each alert's runbook_url is a section of docs/runbook.md that exists."""
+    rules = RULES.read_text()
+    alerts = re.findall(r"- alert: (\w+)", rules)
+    anchors = re.findall(r'runbook_url: "docs/runbook\.md#([\w-]+)"', rules)
+    assert [a.lower() for a in alerts] == anchors
+    headings = {
+        re.sub(r"[^\w-]", "", line.lstrip("#").strip().lower().replace(" ", "-"))
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("## ")
+    }
+    assert set(anchors) <= headings, sorted(set(anchors) - headings)
+
+
+def test_prometheus_names_follow_the_opentelemetry_translation():
+    """Counters get _total, the gauge keeps its name, dots become underscores."""
+    assert prometheus.metric(telemetry.ERRORS) == "ctxguard_context_errors_total"
+    assert prometheus.metric(telemetry.PUSHES) == "ctxguard_context_pushes_total"
+    assert prometheus.metric(telemetry.OPEN) == "ctxguard_context_open"
+    assert prometheus.label(telemetry.HTTP_ROUTE) == "http_route"
+    with pytest.raises(KeyError):
+        prometheus.metric("ctxguard.not.a.metric")
