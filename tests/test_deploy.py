@@ -8,6 +8,7 @@ missing install step fails CI instead of hiding a test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ctxguard import telemetry
-from ctxguard.integrations import prometheus
+from ctxguard.integrations import grafana, prometheus
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "ctxguard-rules.yml"
@@ -98,3 +99,71 @@ def test_prometheus_names_follow_the_opentelemetry_translation():
     assert prometheus.label(telemetry.HTTP_ROUTE) == "http_route"
     with pytest.raises(KeyError):
         prometheus.metric("ctxguard.not.a.metric")
+
+
+DASHBOARD = DEPLOY / "grafana" / "ctxguard-dashboard.json"
+
+
+def _dashboard_queries() -> list[str]:
+    model = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for panel in model["panels"] for t in panel["targets"]]
+    queries += [v["query"]["query"] for v in model["templating"]["list"] if v["type"] == "query"]
+    return queries
+
+
+def test_the_shipped_dashboard_is_what_the_code_builds():
+    """deploy/grafana/ctxguard-dashboard.json is `python -m ctxguard.integrations.grafana`'s
+    output, so it changes with the telemetry contract (regenerate it when this fails)."""
+    assert DASHBOARD.read_text() == grafana.render()
+
+
+def test_the_dashboard_uses_only_names_of_the_telemetry_contract():
+    """Every metric and label of every panel and variable query exists, as Prometheus
+    names ctxguard's telemetry, and each panel filters by the job and process selectors."""
+    known = prometheus.names()
+    labels = {name for series_labels in known.values() for name in series_labels}
+    queries = _dashboard_queries()
+    unknown = set().union(*(_used_names(q) for q in queries)) - set(known) - labels
+    assert not unknown, f"not in the telemetry contract: {sorted(unknown)}"
+    for query in queries:
+        # Each query groups and filters by labels its own metric has.
+        (metric_name,) = _used_names(query) & set(known)
+        assert _used_names(query) - {metric_name} <= set(known[metric_name]), query
+    panels = [q for q in queries if not q.startswith("label_values")]
+    assert len(panels) == 8
+    assert all('{job=~"$job", instance=~"$instance"}' in q for q in panels)
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """Each query, with Grafana's variables filled in, parses as PromQL (promtool)."""
+    queries = [
+        q.replace("$__rate_interval", "5m").replace("$job", ".*").replace("$instance", ".*")
+        for q in _dashboard_queries()
+        if not q.startswith("label_values")
+    ]
+    rules = "groups:\n  - name: dashboard\n    rules:\n" + "".join(
+        f"      - record: dashboard:query{i}\n        expr: {json.dumps(q)}\n"
+        for i, q in enumerate(queries)
+    )
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(rules)
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
+def test_the_error_panel_links_each_series_to_its_spans():
+    """The context-errors panel links a series to the ctxguard.context_error spans of its
+    proxy in the traces datasource chosen on the dashboard (where the line and hint are)."""
+    model = grafana.dashboard()
+    (link,) = model["panels"][0]["fieldConfig"]["defaults"]["links"]
+    assert link["internal"]["datasourceUid"] == "${traces}"
+    assert link["internal"]["query"]["query"] == (
+        '{ name = "ctxguard.context_error"'
+        ' && span.ctxguard.proxy = "${__field.labels.ctxguard_proxy}" }'
+    )
+    names = {v["name"]: v for v in model["templating"]["list"]}
+    assert names["datasource"]["query"] == "prometheus"
+    assert names["traces"]["query"] == "tempo"
