@@ -97,6 +97,17 @@ ACTION_ENFORCED = "enforced"
 ACTION_REPORTED = "reported"
 ACTION_REFUSED = "refused"
 
+#: The attributes each metric's points carry (dashboards and alert rules group by them).
+METRIC_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    ERRORS: (PROXY, CONTEXT_KIND, WORKER_KIND, HTTP_ROUTE),
+    LEAKS: (CONTEXT_KIND, LEAK_SITE),
+    PUSHES: (CONTEXT_KIND,),
+    POPS: (CONTEXT_KIND, POP_OUTCOME),
+    OPEN: (CONTEXT_KIND,),
+    HEALED: (CONTEXT_KIND,),
+    VIOLATIONS: (POLICY_RULE, POLICY_ACTION),
+}
+
 #: How often one fault or one event site may be logged.
 LOG_INTERVAL = 60.0
 #: Spans per code location per second; the counters stay exact.

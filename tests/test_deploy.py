@@ -16,8 +16,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import call
 
 from ctxguard import telemetry
+from ctxguard import telemetry as telemetry_module
 from ctxguard.integrations import grafana, prometheus
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -167,3 +169,46 @@ def test_the_error_panel_links_each_series_to_its_spans():
     names = {v["name"]: v for v in model["templating"]["list"]}
     assert names["datasource"]["query"] == "prometheus"
     assert names["traces"]["query"] == "tempo"
+
+
+def test_each_metric_carries_only_the_attributes_the_dashboard_and_rules_group_by(telemetry):
+    """What ctxguard really records (a thread's error started by a request, a context the
+    thread leaves pushed, a policy violation, pushes, pops and open contexts) carries only
+    attribute keys of telemetry.METRIC_ATTRIBUTES, which the Prometheus names, the
+    dashboard and the rules are built from (the healed counter's are checked with the
+    healing tests: its one attribute is the context kind)."""
+    import threading
+
+    from flask import Flask, request
+
+    import ctxguard
+
+    app = Flask("deployapp")
+    app.debug = True  # a policy violation in production, reported once at init
+
+    @app.route("/work/<int:n>")
+    def work(n: int) -> str:
+        def job() -> None:
+            try:
+                request.method  # noqa: B018
+            except RuntimeError:
+                pass
+            app.app_context().push()  # never popped: a thread_exit leak
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        thread.join()
+        return "ok"
+
+    ctxguard.CtxGuard(app, environment="production", policy="warn", **telemetry.providers)
+    call(app.wsgi_app, "/work/1")
+    call(app.wsgi_app, "/work/2")
+
+    seen = set()
+    for name, allowed in telemetry_module.METRIC_ATTRIBUTES.items():
+        for attributes, _ in telemetry.points(name):
+            seen.add(name)
+            assert set(attributes) <= set(allowed), (name, attributes)
+    assert seen == set(telemetry_module.METRIC_ATTRIBUTES) - {telemetry_module.HEALED}
+    errors = telemetry.points(telemetry_module.ERRORS)
+    assert {a.get(telemetry_module.HTTP_ROUTE) for a, _ in errors} == {"/work/<int:n>"}

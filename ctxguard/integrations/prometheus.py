@@ -24,21 +24,6 @@ COUNTERS = (
 )
 #: ``ObservableUpDownCounter``: a gauge, named as it is.
 GAUGES = (telemetry.OPEN,)
-#: The attributes each metric carries (the telemetry contract).
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    telemetry.ERRORS: (
-        telemetry.PROXY,
-        telemetry.CONTEXT_KIND,
-        telemetry.WORKER_KIND,
-        telemetry.HTTP_ROUTE,
-    ),
-    telemetry.LEAKS: (telemetry.CONTEXT_KIND, telemetry.LEAK_SITE),
-    telemetry.PUSHES: (telemetry.CONTEXT_KIND,),
-    telemetry.POPS: (telemetry.CONTEXT_KIND, telemetry.POP_OUTCOME),
-    telemetry.OPEN: (telemetry.CONTEXT_KIND,),
-    telemetry.HEALED: (telemetry.CONTEXT_KIND,),
-    telemetry.VIOLATIONS: (telemetry.POLICY_RULE, telemetry.POLICY_ACTION),
-}
 #: Labels every series gets from the scrape (or from the resource, through OTLP).
 TARGET_LABELS = ("job", "instance")
 
@@ -62,5 +47,5 @@ def names() -> dict[str, tuple[str, ...]]:
     """Every Prometheus metric name, with the labels its series can have."""
     return {
         metric(name): TARGET_LABELS + tuple(label(a) for a in attributes)
-        for name, attributes in ATTRIBUTES.items()
+        for name, attributes in telemetry.METRIC_ATTRIBUTES.items()
     }
