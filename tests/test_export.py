@@ -11,218 +11,18 @@ workers restarted by ``--max-requests``.
 
 from __future__ import annotations
 
-import http.server
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 pytest.importorskip("gunicorn")
-trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-metrics_service = pytest.importorskip(
-    "opentelemetry.proto.collector.metrics.v1.metrics_service_pb2"
-)
+pytest.importorskip("opentelemetry.proto")
 
-HERE = Path(__file__).resolve().parent / "export"
+from otlp import attributes_of, get, gunicorn, otlp_receiver, wait_for
+
 ERRORS = "ctxguard.context.errors"
 LEAKS = "ctxguard.context.leaks"
 PUSHES = "ctxguard.context.pushes"
 ERROR_SPAN = "ctxguard.context_error"
 LEAK_SPAN = "ctxguard.context_leak"
-
-
-def _value(any_value: Any) -> Any:
-    kind = any_value.WhichOneof("value")
-    return getattr(any_value, kind) if kind else None
-
-
-def _attributes(key_values: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in key_values}
-
-
-@dataclass
-class Received:
-    """What the receiver decoded: spans with their resource, and metric points."""
-
-    spans: list[tuple[dict[str, Any], Any]] = field(default_factory=list)
-    # (instance, metric, attributes as a sorted tuple) -> (start time, last value)
-    points: dict[tuple[str, str, tuple[Any, ...]], tuple[int, float]] = field(default_factory=dict)
-    content_types: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add_traces(self, body: bytes) -> None:
-        request = trace_service.ExportTraceServiceRequest.FromString(body)
-        with self.lock:
-            for resource_spans in request.resource_spans:
-                resource = _attributes(resource_spans.resource.attributes)
-                for scope_spans in resource_spans.scope_spans:
-                    for span in scope_spans.spans:
-                        self.spans.append((resource, span))
-
-    def add_metrics(self, body: bytes) -> None:
-        request = metrics_service.ExportMetricsServiceRequest.FromString(body)
-        with self.lock:
-            for resource_metrics in request.resource_metrics:
-                resource = _attributes(resource_metrics.resource.attributes)
-                instance = resource["service.instance.id"]
-                for scope_metrics in resource_metrics.scope_metrics:
-                    if scope_metrics.scope.name != "ctxguard":
-                        continue
-                    for metric in scope_metrics.metrics:
-                        data = getattr(metric, metric.WhichOneof("data"))
-                        for point in data.data_points:
-                            key = tuple(sorted(_attributes(point.attributes).items()))
-                            value = getattr(point, point.WhichOneof("value"))
-                            self.points[instance, metric.name, key] = (
-                                point.start_time_unix_nano,
-                                value,
-                            )
-
-    def total(self, metric: str, **attributes: Any) -> float:
-        """The metric summed over every process that ever reported it (last values)."""
-        with self.lock:
-            return sum(
-                value
-                for (_, name, key), (_, value) in self.points.items()
-                if name == metric and attributes.items() <= dict(key).items()
-            )
-
-    def instances(self, metric: str) -> set[str]:
-        with self.lock:
-            return {instance for instance, name, _ in self.points if name == metric}
-
-    def named(self, name: str) -> list[tuple[dict[str, Any], Any]]:
-        with self.lock:
-            return [(r, s) for r, s in self.spans if s.name == name]
-
-
-@contextmanager
-def otlp_receiver() -> Iterator[tuple[str, Received]]:
-    received = Received()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.content_types.add(self.headers.get("Content-Type", ""))
-            if self.path == "/v1/traces":
-                received.add_traces(body)
-                reply = trace_service.ExportTraceServiceResponse().SerializeToString()
-            elif self.path == "/v1/metrics":
-                received.add_metrics(body)
-                reply = metrics_service.ExportMetricsServiceResponse().SerializeToString()
-            else:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@contextmanager
-def gunicorn(endpoint: str, args: list[str], log_path: Path) -> Iterator[int]:
-    """gunicorn serving the export app with two workers; yields its port."""
-    executable = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
-    if executable is None:
-        pytest.fail("gunicorn is a test dependency: pip install -e '.[test]'")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    env = dict(os.environ)
-    env.update(
-        {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-            "OTEL_METRIC_EXPORT_INTERVAL": "300",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "PYTHONPATH": os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
-        }
-    )
-    command = [
-        executable,
-        "--config",
-        str(HERE / "gunicorn_conf.py"),
-        "--workers",
-        "2",
-        *args,
-        "--bind",
-        f"fd://{listener.fileno()}",
-        "--graceful-timeout",
-        "10",
-        "--log-level",
-        "warning",
-        "export_app:app",
-    ]
-    with open(log_path, "wb") as log:
-        try:
-            process = subprocess.Popen(
-                command,
-                cwd=HERE,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(listener.fileno(),),
-            )
-        finally:
-            listener.close()
-        try:
-            yield port
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def get(port: int, path: str) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}{path}", headers={"Connection": "close"}
-            )
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.read().decode()
-        except (ConnectionError, urllib.error.URLError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def wait_for(condition: Any, what: str, log_path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not received within {timeout} s: {what}\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.1)
 
 
 SHAPES = {
@@ -298,7 +98,7 @@ def test_every_workers_telemetry_arrives_over_otlp_true_to_the_ground_truth(shap
     error_spans = received.named(ERROR_SPAN)
     assert error_spans
     for resource, span in error_spans:
-        attributes = _attributes(span.attributes)
+        attributes = attributes_of(span.attributes)
         assert resource["service.name"] == "web"
         assert attributes["ctxguard.proxy"] == "request"
         assert attributes["ctxguard.worker.kind"] == "thread"
@@ -316,6 +116,6 @@ def test_every_workers_telemetry_arrives_over_otlp_true_to_the_ground_truth(shap
     leak_spans = received.named(LEAK_SPAN)
     assert leak_spans
     for _, span in leak_spans:
-        attributes = _attributes(span.attributes)
+        attributes = attributes_of(span.attributes)
         assert attributes["ctxguard.leak.site"] == "thread_exit"
         assert attributes["code.function.name"] == "push_and_forget"
