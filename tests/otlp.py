@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +47,10 @@ class Received:
     spans: list[tuple[dict[str, Any], Any]] = field(default_factory=list)
     # (instance, metric, attributes as a sorted tuple) -> (start time, last value)
     points: dict[tuple[str, str, tuple[Any, ...]], tuple[int, float]] = field(default_factory=dict)
+    # metric -> (Prometheus type, unit), as the messages described it
+    types: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # instance -> service.name
+    jobs: dict[str, str] = field(default_factory=dict)
     content_types: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,11 +69,18 @@ class Received:
             for resource_metrics in request.resource_metrics:
                 resource = attributes_of(resource_metrics.resource.attributes)
                 instance = resource["service.instance.id"]
+                self.jobs[instance] = resource.get("service.name", "")
                 for scope_metrics in resource_metrics.scope_metrics:
                     if scope_metrics.scope.name != "ctxguard":
                         continue
                     for metric in scope_metrics.metrics:
-                        data = getattr(metric, metric.WhichOneof("data"))
+                        kind = metric.WhichOneof("data")
+                        data = getattr(metric, kind)
+                        monotonic = kind == "sum" and data.is_monotonic
+                        self.types[metric.name] = (
+                            "counter" if monotonic else "gauge",
+                            metric.unit,
+                        )
                         for point in data.data_points:
                             key = tuple(sorted(attributes_of(point.attributes).items()))
                             value = getattr(point, point.WhichOneof("value"))
@@ -76,6 +88,29 @@ class Received:
                                 point.start_time_unix_nano,
                                 value,
                             )
+
+    def exposition(self) -> bytes:
+        """The latest points in Prometheus' text format, translated from OTLP as an
+        OpenTelemetry Collector's Prometheus exporters translate them: every character
+        that is not a letter, digit or underscore becomes ``_``; a monotonic sum is a
+        counter named ``<name>_total``; a unit in curly braces is an annotation and adds
+        nothing; ``service.name`` is ``job`` and ``service.instance.id`` is ``instance``.
+        """
+        lines = []
+        with self.lock:
+            for name in sorted(self.types):
+                kind, unit = self.types[name]
+                assert unit.startswith("{") or not unit, unit  # ctxguard's are annotations
+                exposed = _prometheus_name(name) + ("_total" if kind == "counter" else "")
+                lines.append(f"# TYPE {exposed} {kind}")
+                for (instance, metric, key), (_, value) in sorted(self.points.items()):
+                    if metric != name:
+                        continue
+                    labels = {"job": self.jobs[instance], "instance": instance}
+                    labels.update({_prometheus_name(k): str(v) for k, v in key})
+                    text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                    lines.append(f"{exposed}{{{text}}} {float(value)!r}")
+        return ("\n".join(lines) + "\n").encode()
 
     def total(self, metric: str, **attributes: Any) -> float:
         """The metric summed over every process that ever reported it (last values)."""
@@ -93,6 +128,14 @@ class Received:
     def named(self, name: str) -> list[tuple[dict[str, Any], Any]]:
         with self.lock:
             return [(r, s) for r, s in self.spans if s.name == name]
+
+
+def _prometheus_name(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ def post_fork(server, worker):
 
     resource = Resource.create(
         {
-            "service.name": "web",
+            "service.name": os.environ.get("OTEL_SERVICE_NAME", "web"),
             "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
         }
     )
