@@ -2,6 +2,7 @@
 
     python benchmarks/load.py                       # gthread, sync, gevent; 5 rounds of 4 s
     python benchmarks/load.py --worker gthread --rounds 3 --duration 2
+    python benchmarks/load.py --workers 2 --preload --export   # deployment shapes
 
 For each worker class, three gunicorn servers with one worker each serve the
 same two-line view on 127.0.0.1: the bare app, the bare app with only
@@ -16,8 +17,12 @@ the median over the rounds of requests per second and of wrk's 50th and 99th
 percentile latencies, and their ratios to the bare server's (throughput below 1
 and latency above 1 is what ctxguard costs).
 
-Needs ``wrk`` (Debian: ``apt-get install wrk``) and gunicorn (and gevent for
-its worker class), both in the ``test`` extra but wrk. These are measurements,
+``--workers N``, ``--preload`` and ``--export`` (the OpenTelemetry SDK in each
+worker exporting over OTLP/HTTP every second to a sink this script runs, set up
+by ``gunicorn_export.py`` as docs/production.md does) give the deployment
+shapes of production. Needs ``wrk`` (Debian: ``apt-get install wrk``) and
+gunicorn (and gevent for its worker class), both in the ``test`` extra but wrk;
+``--export`` needs the OTLP exporter (``otlp`` extra). These are measurements,
 not tests: the exit code is 0 unless a server or wrk could not run.
 """
 
@@ -77,15 +82,63 @@ def _cpus() -> tuple[list[str], list[str]]:
     return ["taskset", "-c", str(available[0])], ["taskset", "-c", str(available[1])]
 
 
-def start_server(worker: str, factory: str, pin: list[str]) -> tuple[subprocess.Popen, str]:
+class OtlpSink:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts and drops what it gets (counting
+    the requests), for ``--export``: the exporters do their real work."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        sink = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_server(
+    worker: str, factory: str, pin: list[str], args: argparse.Namespace | None = None
+) -> tuple[subprocess.Popen, str]:
     port = _free_port()
+    extra: list[str] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXGUARD_")}
+    if args is not None and args.preload:
+        extra.append("--preload")
+    if args is not None and args.export:
+        extra += ["--config", str(HERE / "gunicorn_export.py")]
+        env.update(
+            {
+                "LOAD_EXPORT": "1",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": args.sink.endpoint,
+                "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            }
+        )
     command = [
         *pin,
         sys.executable,
         "-m",
         "gunicorn",
         "--workers",
-        "1",
+        str(args.workers if args is not None else 1),
+        *extra,
         *WORKER_OPTIONS[worker],
         "--bind",
         f"127.0.0.1:{port}",
@@ -95,7 +148,6 @@ def start_server(worker: str, factory: str, pin: list[str]) -> tuple[subprocess.
         str(HERE),
         f"load_app:{factory}()",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CTXGUARD_")}
     process = subprocess.Popen(command, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 30
@@ -160,7 +212,7 @@ def measure(worker: str, args: argparse.Namespace) -> dict[str, Figures]:
     servers = {}
     try:
         for name, factory in VARIANTS.items():
-            servers[name] = start_server(worker, factory, server_pin)
+            servers[name] = start_server(worker, factory, server_pin, args)
         figures = {name: Figures() for name in servers}
         for name in servers:  # warm-up, not counted
             run_wrk(servers[name][1], _short(args), wrk_pin, Figures())
@@ -188,7 +240,9 @@ def report(results: dict[str, dict[str, Figures]], args: argparse.Namespace) -> 
     pinned = "server and wrk on separate CPUs" if _cpus()[0] else "not pinned (one CPU)"
     print(
         f"ctxguard {_version('flask-ctxguard')}, Python {sys.version.split()[0]},"
-        f" Flask {_version('flask')}, gunicorn {_version('gunicorn')}; one worker,"
+        f" Flask {_version('flask')}, gunicorn {_version('gunicorn')};"
+        f" {args.workers} worker(s){', --preload' if args.preload else ''}"
+        f"{', OTLP export to a local sink' if args.export else ''},"
         f" wrk {args.wrk_threads} thread(s) x {args.connections} connections,"
         f" {args.rounds} rounds of {args.duration} s alternated, {pinned}"
     )
@@ -223,11 +277,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=4, help="seconds per round")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers per server")
+    parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument(
+        "--export",
+        action="store_true",
+        help="the SDK in each worker exports over OTLP/HTTP (gunicorn_export.py) to a"
+        " local sink, every second, for every server (bare ones export nothing)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("load: wrk is not installed (Debian: apt-get install wrk)")
-    results = {worker: measure(worker, args) for worker in args.worker or WORKERS}
+    args.sink = OtlpSink() if args.export else None
+    try:
+        results = {worker: measure(worker, args) for worker in args.worker or WORKERS}
+    finally:
+        if args.sink is not None:
+            args.sink.close()
     report(results, args)
+    if args.sink is not None:
+        print(f"OTLP export requests received by the sink: {args.sink.requests}")
     return 0
 
 

@@ -8,6 +8,8 @@ has: a request with nothing wrong must not touch them).
 
 from __future__ import annotations
 
+import os
+
 from flask import Flask
 
 
@@ -23,7 +25,10 @@ def make_app() -> Flask:
 
 def _providers() -> dict[str, object]:
     """The OpenTelemetry SDK's providers if installed (the API's no-op ones otherwise:
-    the hot path is the same)."""
+    the hot path is the same). With ``LOAD_EXPORT=1`` none: the global ones, which
+    gunicorn_export.py sets up in each worker to export over OTLP."""
+    if os.environ.get("LOAD_EXPORT") == "1":
+        return {}
     try:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
