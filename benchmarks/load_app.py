@@ -57,3 +57,56 @@ def make_guarded() -> Flask:
     app = make_app()
     ctxguard.CtxGuard(app, environment="production", **_providers())
     return app
+
+
+def make_soak() -> Flask:
+    """For soak.py: ``/`` clean, ``/fail`` starts a thread that reads ``request``,
+    ``/leak`` one that pushes an app context and never pops it; ``/truth`` is the app's
+    own count of each (the ground truth ctxguard's counters must equal)."""
+    import itertools
+    import json
+    import threading
+
+    from flask import request
+
+    import ctxguard
+
+    app = make_app()
+    counts = {name: itertools.count() for name in ("requests", "failed", "leaked")}
+
+    def read_request() -> None:
+        try:
+            request.method  # noqa: B018 (the bug)
+        except RuntimeError:
+            next(counts["failed"])
+
+    def push_and_forget() -> None:
+        app.app_context().push()  # the bug: never popped
+        next(counts["leaked"])
+
+    def run(target: object) -> str:
+        thread = threading.Thread(target=target)  # type: ignore[arg-type]
+        thread.start()
+        thread.join()
+        return "ok"
+
+    @app.before_request
+    def count() -> None:
+        if request.path != "/truth":
+            next(counts["requests"])
+
+    @app.route("/fail")
+    def fail() -> str:
+        return run(read_request)
+
+    @app.route("/leak")
+    def leak() -> str:
+        return run(push_and_forget)
+
+    @app.route("/truth")
+    def truth() -> str:
+        done = {name: int(repr(c)[6:-1]) for name, c in counts.items()}
+        return json.dumps({**done, "pid": os.getpid()})
+
+    ctxguard.CtxGuard(app, environment="production", **_providers())
+    return app
