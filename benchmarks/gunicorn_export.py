@@ -1,12 +1,12 @@
 """gunicorn configuration for ``load.py --export`` and ``soak.py``: the OpenTelemetry SDK
-in each worker after the fork, exporting over OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+in each worker once it is ready, exporting over OTLP/HTTP (``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_METRIC_EXPORT_INTERVAL``), as docs/production.md sets it up."""
 
 import os
 import socket
 
 
-def post_fork(server, worker):
+def post_worker_init(worker):
     from opentelemetry import metrics, trace
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -348,7 +348,9 @@ def _after_fork_in_child() -> None:
     """A forked worker (gunicorn's, after ``--preload``) starts with a copy of the
     master's state: a lock another thread of the master held while it made the
     instruments would never be released here, and the events the master kept for
-    later are the master's to emit."""
+    later are the master's to emit. Counts made before any SDK was set up stay: the
+    master exports nothing, and each worker reports the app it inherited (a policy
+    violation found when the app was made)."""
     _state.lock = threading.Lock()
     _pending.clear()
 
@@ -393,6 +395,7 @@ def reset() -> None:
     _logs.reset()
     _spans.reset()
     _pending.clear()
+    _unsent.clear()
 
 
 def _instruments() -> dict[str, Any]:
@@ -451,6 +454,10 @@ def _instruments() -> dict[str, Any]:
 
 def _observe(name: str) -> Callable[[Any], Iterable[metrics.Observation]]:
     def callback(options: Any) -> Iterable[metrics.Observation]:
+        if _unsent:
+            # An SDK is collecting: what was counted before it was set up goes out at
+            # the next safe point (not from inside its collection).
+            _pending.append((_send_unsent, ()))
         source = _state.observations
         if source is None:
             return []
@@ -493,11 +500,54 @@ def count(name: str, attributes: Mapping[str, Any], *, later: bool | None = None
 
 def _count(name: str, attributes: Mapping[str, Any]) -> None:
     try:
+        if _sdk_missing():
+            _keep_unsent(name, attributes)
+            return
+        if _unsent:
+            _send_unsent()
         counter = _instruments().get(name)
         if counter is not None:
             counter.add(1, attributes)
     except Exception as exc:
         fault(f"counter {name}", exc)
+
+
+#: Counts made while no OpenTelemetry SDK was set up yet: the API's stand-in
+#: provider drops them, and a policy violation found when the app is made (at
+#: import, before gunicorn's ``post_worker_init`` sets the SDK up) must still be
+#: counted. (metric, attributes) -> a C counter; bounded like every other key set.
+_unsent: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+_UNSENT_LIMIT = 1_000
+
+
+def _sdk_missing() -> bool:
+    """Is the global meter provider still the API's stand-in (no SDK set up yet)?"""
+    if _state.meter_provider is not None:
+        return False
+    return type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider"
+
+
+def _keep_unsent(name: str, attributes: Mapping[str, Any]) -> None:
+    key = (name, tuple(sorted(attributes.items())))
+    counter = _unsent.get(key)
+    if counter is None:
+        if len(_unsent) >= _UNSENT_LIMIT:
+            return
+        counter = _unsent.setdefault(key, itertools.count())
+    next(counter)
+
+
+def _send_unsent() -> None:
+    """Add what was counted before the SDK was set up, now that it is."""
+    instruments = _instruments()
+    for key in list(_unsent):
+        counter = _unsent.pop(key, None)
+        if counter is None:
+            continue
+        name, attributes = key
+        instrument = instruments.get(name)
+        if instrument is not None:
+            instrument.add(counted(counter), dict(attributes))
 
 
 def code_attributes(location: Any) -> dict[str, Any]:

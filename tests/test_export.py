@@ -4,12 +4,16 @@ sets it up, and arrives right: decoded here from the real protobuf messages.
 A receiver in the test accepts OTLP/HTTP (``/v1/traces``, ``/v1/metrics``) on
 127.0.0.1 and decodes each request with opentelemetry-proto. gunicorn runs
 tests/export/export_app.py with two workers and tests/export/gunicorn_conf.py
-(the SDK per worker in ``post_fork``, a resource per process, a final export in
+(the SDK per worker in ``post_worker_init``, a resource per process, a final export in
 ``worker_exit``), for each worker class, with and without ``--preload``, and with
 workers restarted by ``--max-requests``.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +123,53 @@ def test_every_workers_telemetry_arrives_over_otlp_true_to_the_ground_truth(shap
         attributes = attributes_of(span.attributes)
         assert attributes["ctxguard.leak.site"] == "thread_exit"
         assert attributes["code.function.name"].endswith("push_and_forget")
+
+
+SDK_LATE = """
+import json
+from flask import Flask
+import ctxguard
+
+app = Flask("late")
+app.debug = True
+ctxguard.CtxGuard(app, environment="production")  # debug mode: a violation, no SDK yet
+
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))  # as post_worker_init
+
+
+def violations():
+    data = reader.get_metrics_data()
+    return [
+        (dict(p.attributes), p.value)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "ctxguard.policy.violations"
+        for p in m.data.data_points
+    ]
+
+
+first = violations()  # the SDK's first collection
+app.test_client().get("/")  # a request: the next safe point
+print(json.dumps([first, violations(), violations()]))
+"""
+
+
+def test_a_violation_found_before_the_sdk_is_set_up_is_still_exported(tmp_path):
+    """A production policy violation found when the app is made (at import, before
+    gunicorn's post_worker_init sets the SDK up) is counted once the SDK collects, where
+    the OpenTelemetry API's stand-in provider would drop it: exactly once, not again."""
+    script = tmp_path / "late.py"
+    script.write_text(SDK_LATE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    first, second, third = json.loads(result.stdout)
+    assert first == []
+    expected = [[{"ctxguard.policy.rule": "debug_mode", "ctxguard.policy.action": "reported"}, 1]]
+    assert second == expected
+    assert third == expected

@@ -1,13 +1,14 @@
 """The gunicorn configuration of docs/production.md, as tests/test_export.py runs it:
-one OpenTelemetry SDK per worker, set up after the fork, exporting over OTLP/HTTP
-(endpoint and intervals from the standard OTEL_* variables) with a resource that
-tells the workers apart; what a worker has left is exported when it exits."""
+one OpenTelemetry SDK per worker, set up once the worker is ready (after gevent's
+patching), exporting over OTLP/HTTP (endpoint and intervals from the standard
+OTEL_* variables) with a resource that tells the workers apart; what a worker
+has left is exported when it exits."""
 
 import os
 import socket
 
 
-def post_fork(server, worker):
+def post_worker_init(worker):
     from opentelemetry import metrics, trace
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
