@@ -335,7 +335,7 @@ def _task(fn: Any) -> Callable[..., Any]:
     return task
 
 
-#: What ``functools.update_wrapper`` assigns beyond the four names every function has.
+#: Python 3.12 and later: ``functools.update_wrapper`` also assigns ``__type_params__``.
 _TYPE_PARAMS = "__type_params__" in functools.WRAPPER_ASSIGNMENTS
 
 
