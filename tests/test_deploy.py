@@ -2,7 +2,7 @@
 step with the telemetry contract.
 
 promtool comes with Prometheus (Debian: ``apt-get install prometheus``). Without
-it these tests skip, unless ``CTXGUARD_REQUIRE_TOOLS`` is set (CI sets it), so a
+it these tests skip, unless ``CI_REQUIRE_TOOLS`` is set (CI sets it), so a
 missing install step fails CI instead of hiding a test.
 """
 
@@ -32,8 +32,8 @@ def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
         message = "promtool not found (Debian: apt-get install prometheus)"
-        if os.environ.get("CTXGUARD_REQUIRE_TOOLS"):
-            pytest.fail(message + "; CTXGUARD_REQUIRE_TOOLS is set")
+        if os.environ.get("CI_REQUIRE_TOOLS"):
+            pytest.fail(message + "; CI_REQUIRE_TOOLS is set")
         pytest.skip(message)
     return found
 

@@ -14,7 +14,7 @@ durations scaled from minutes to seconds, and sends to Debian's Alertmanager.
 Checked: each alert fires for job ``buggy`` and none for ``clean``; Alertmanager
 lists the firing alerts; every panel of the shipped dashboard returns data.
 Needs ``prometheus`` and ``prometheus-alertmanager`` (Debian packages); without
-them the test skips, unless ``CTXGUARD_REQUIRE_TOOLS`` is set (CI sets it).
+them the test skips, unless ``CI_REQUIRE_TOOLS`` is set (CI sets it).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def binary(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         message = f"{name} not found (Debian: apt-get install prometheus prometheus-alertmanager)"
-        if os.environ.get("CTXGUARD_REQUIRE_TOOLS"):
-            pytest.fail(message + "; CTXGUARD_REQUIRE_TOOLS is set")
+        if os.environ.get("CI_REQUIRE_TOOLS"):
+            pytest.fail(message + "; CI_REQUIRE_TOOLS is set")
         pytest.skip(message)
     return found
 
