@@ -14,8 +14,8 @@ alike; the figure that matters is the ratio of medians, not the microseconds.
     pushed per timed loop, outside the timing): the proxies' guarded
     ``_get_current_object`` against Werkzeug's own (``uninstall()`` puts it back).
 (d) ``threading.Thread(target=noop).start()`` and ``join()``, with and without
-    the threading hooks; ``ThreadPoolExecutor.submit(noop).result()`` for
-    information (one pool per timed loop, its thread started before the timing).
+    the threading hooks; ``ThreadPoolExecutor.submit(noop).result()`` likewise
+    (one pool per timed loop, its thread started before the timing).
 (e) one recorded error: ``request.method`` outside any context, caught, with
     ctxguard reporting to a real SDK (``InMemorySpanExporter``). The span rate
     limit (one per second per code site) is defeated for the "span each" row by
@@ -528,8 +528,9 @@ def thread_variants(quick: bool, now: Callable[[], float]) -> list[Variant]:
         d,
         Variant("(d) Thread start+join, installed", installed, threads, n_thread, d, THREAD_TARGET),
         d_pool,
-        # For information: no target.
-        Variant("(d) executor submit+result, inst.", installed, tasks, n_task, d_pool),
+        Variant(
+            "(d) executor submit+result, inst.", installed, tasks, n_task, d_pool, THREAD_TARGET
+        ),
     ]
 
 
