@@ -121,7 +121,7 @@ def run(target: str, environment: str = "production") -> tuple[list[Finding], An
         findings.append(
             Finding(
                 "open_context",
-                f"an {'application' if item.kind == telemetry.KIND_APP else 'request'} context"
+                f"{'an application' if item.kind == telemetry.KIND_APP else 'a request'} context"
                 " is pushed while the app is imported and never popped: every request on this"
                 " thread runs inside it and its teardown never runs; use `with"
                 " app.app_context():` around the code that needs it",
