@@ -19,7 +19,7 @@ and latency above 1 is what ctxguard costs).
 
 ``--workers N``, ``--preload`` and ``--export`` (the OpenTelemetry SDK in each
 worker exporting over OTLP/HTTP every second to a sink this script runs, set up
-by ``gunicorn_export.py`` as docs/production.md does) give the deployment
+by ``ctxguard.integrations.gunicorn``, as docs/production.md does) give the deployment
 shapes of production. Needs ``wrk`` (Debian: ``apt-get install wrk``) and
 gunicorn (and gevent for its worker class), both in the ``test`` extra but wrk;
 ``--export`` needs the OTLP exporter (``otlp`` extra). These are measurements,
@@ -123,10 +123,11 @@ def start_server(
     if args is not None and args.preload:
         extra.append("--preload")
     if args is not None and args.export:
-        extra += ["--config", str(HERE / "gunicorn_export.py")]
+        extra += ["--config", "python:ctxguard.integrations.gunicorn"]
         env.update(
             {
                 "LOAD_EXPORT": "1",
+                "OTEL_SERVICE_NAME": "load",
                 "OTEL_EXPORTER_OTLP_ENDPOINT": args.sink.endpoint,
                 "OTEL_METRIC_EXPORT_INTERVAL": "1000",
             }
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--export",
         action="store_true",
-        help="the SDK in each worker exports over OTLP/HTTP (gunicorn_export.py) to a"
+        help="the SDK in each worker exports over OTLP/HTTP (ctxguard.integrations.gunicorn) to a"
         " local sink, every second, for every server (bare ones export nothing)",
     )
     args = parser.parse_args(argv)

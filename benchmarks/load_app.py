@@ -26,7 +26,7 @@ def make_app() -> Flask:
 def _providers() -> dict[str, object]:
     """The OpenTelemetry SDK's providers if installed (the API's no-op ones otherwise:
     the hot path is the same). With ``LOAD_EXPORT=1`` none: the global ones, which
-    gunicorn_export.py sets up in each worker to export over OTLP."""
+    ctxguard.integrations.gunicorn sets up in each worker to export over OTLP."""
     if os.environ.get("LOAD_EXPORT") == "1":
         return {}
     try:

@@ -5,7 +5,7 @@
 
 One gunicorn worker serves ``load_app:make_soak()`` guarded by ``CtxGuard``,
 with the OpenTelemetry SDK exporting over OTLP/HTTP every second
-(``gunicorn_export.py``) to a receiver this script runs, which decodes the
+(``ctxguard.integrations.gunicorn``) to a receiver this script runs, which decodes the
 messages (opentelemetry-proto). ``wrk`` sends the requests: of every 100, 10
 start a thread that reads ``request`` (a context error) and 1 starts a thread
 that pushes an app context and never pops it (a leak), the rest are clean.
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "1",
             *WORKER_OPTIONS[args.worker],
             "--config",
-            str(HERE / "gunicorn_export.py"),
+            "python:ctxguard.integrations.gunicorn",
             "--bind",
             f"127.0.0.1:{port}",
             "--log-level",

@@ -207,6 +207,7 @@ def gunicorn(
     env = dict(os.environ)
     env.update(
         {
+            "OTEL_SERVICE_NAME": "web",
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
@@ -217,7 +218,7 @@ def gunicorn(
     command = [
         executable,
         "--config",
-        str(HERE / "gunicorn_conf.py"),
+        "python:ctxguard.integrations.gunicorn",
         "--workers",
         "2",
         *args,

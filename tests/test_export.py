@@ -3,7 +3,7 @@ sets it up, and arrives right: decoded here from the real protobuf messages.
 
 A receiver in the test accepts OTLP/HTTP (``/v1/traces``, ``/v1/metrics``) on
 127.0.0.1 and decodes each request with opentelemetry-proto. gunicorn runs
-tests/export/export_app.py with two workers and tests/export/gunicorn_conf.py
+tests/export/export_app.py with two workers and ctxguard.integrations.gunicorn
 (the SDK per worker in ``post_worker_init``, a resource per process, a final export in
 ``worker_exit``), for each worker class, with and without ``--preload``, and with
 workers restarted by ``--max-requests``.
