@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -68,7 +69,7 @@ class Figures:
     errors: int = 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,10 +84,11 @@ def _cpus() -> tuple[list[str], list[str]]:
 
 
 class OtlpSink:
-    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts and drops what it gets (counting
-    the requests), for ``--export``: the exporters do their real work."""
+    """An OTLP/HTTP endpoint on 127.0.0.1 that accepts what it gets and counts the
+    requests, for ``--export`` (the exporters do their real work); ``received`` is
+    given each request's path and body (soak.py decodes them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, received: Callable[[str, bytes], None] | None = None) -> None:
         import http.server
         import threading
 
@@ -95,8 +97,10 @@ class OtlpSink:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 sink.requests += 1
+                if received is not None:
+                    received(self.path, body)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -117,7 +121,7 @@ class OtlpSink:
 def start_server(
     worker: str, factory: str, pin: list[str], args: argparse.Namespace | None = None
 ) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     extra: list[str] = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTXGUARD_")}
     if args is not None and args.preload:

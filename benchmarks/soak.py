@@ -27,12 +27,10 @@ measurement, not a test: exit status 1 only when a check above fails.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,11 +41,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-WORKER_OPTIONS = {
-    "gthread": ["--worker-class", "gthread", "--threads", "4"],
-    "sync": ["--worker-class", "sync"],
-    "gevent": ["--worker-class", "gevent", "--worker-connections", "1000"],
-}
+sys.path.insert(0, str(HERE))
+from load import WORKER_OPTIONS, OtlpSink, free_port  # noqa: E402  (load.py's servers)
+
 #: Of every 100 requests (wrk's Lua, per connection thread): 10 fail, 1 leaks.
 WRK_SCRIPT = """
 counter = 0
@@ -67,35 +63,28 @@ LEAKS = "ctxguard.context.leaks"
 
 
 class Receiver:
-    """OTLP/HTTP on 127.0.0.1: ctxguard's latest metric values and its spans, counted."""
+    """OTLP/HTTP on 127.0.0.1 (load.py's sink): ctxguard's latest metric values and its
+    spans, counted."""
 
     def __init__(self) -> None:
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-        receiver = self
         self.metrics: dict[str, float] = {}
         self.spans: dict[str, int] = {}
         self.lock = threading.Lock()
+        decoders = {
+            "/v1/metrics": (self.add_metrics, metrics_service_pb2.ExportMetricsServiceRequest),
+            "/v1/traces": (self.add_spans, trace_service_pb2.ExportTraceServiceRequest),
+        }
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.path == "/v1/metrics":
-                    receiver.add_metrics(metrics_service_pb2.ExportMetricsServiceRequest, body)
-                elif self.path == "/v1/traces":
-                    receiver.add_spans(trace_service_pb2.ExportTraceServiceRequest, body)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+        def received(path: str, body: bytes) -> None:
+            if path in decoders:
+                add, message = decoders[path]
+                add(message, body)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.sink = OtlpSink(received)
+        self.endpoint = self.sink.endpoint
 
     def add_metrics(self, message: Any, body: bytes) -> None:
         request = message.FromString(body)
@@ -121,8 +110,7 @@ class Receiver:
                         self.spans[span.name] = self.spans.get(span.name, 0) + 1
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.sink.close()
 
 
 def rss_kib(pid: int) -> int:
@@ -135,12 +123,6 @@ def rss_kib(pid: int) -> int:
 def truth(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url + "truth", timeout=10) as response:
         return json.load(response)  # type: ignore[no-any-return]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wrk(url: str, seconds: int, connections: int, script: str) -> None:
