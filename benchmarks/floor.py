@@ -24,12 +24,9 @@ import argparse
 import gc
 import itertools
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +34,10 @@ from typing import Any
 
 import flask.ctx
 from flask import Flask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import time_app_context
+from instructions import per_run
 
 import ctxguard
 
@@ -142,16 +143,6 @@ def use(step: str) -> None:
         flask.ctx.AppContext.pop = hook_pop  # type: ignore[method-assign]
 
 
-def push_pop(app: Flask, n: int, now: Callable[[], float]) -> float:
-    app_context = app.app_context
-    start = now()
-    for _ in range(n):
-        ctx = app_context()
-        ctx.push()
-        ctx.pop()
-    return (now() - start) / n
-
-
 def times(rounds: int, n: int) -> dict[str, list[float]]:
     app = Flask("floor")
     samples: dict[str, list[float]] = {step: [] for step in STEPS}
@@ -159,9 +150,9 @@ def times(rounds: int, n: int) -> dict[str, list[float]]:
         order = STEPS if r % 2 == 0 else tuple(reversed(STEPS))
         for step in order:
             use(step)
-            push_pop(app, n // 10, time.process_time)
+            time_app_context(app, n // 10, time.process_time)
             gc.collect()
-            samples[step].append(push_pop(app, n, time.process_time))
+            samples[step].append(time_app_context(app, n, time.process_time))
         print(f"\rround {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     use("bare")
@@ -171,37 +162,14 @@ def times(rounds: int, n: int) -> dict[str, list[float]]:
 def _child(step: str, n: int) -> None:
     app = Flask("floor")
     use(step)
-    push_pop(app, 200, time.process_time)
+    time_app_context(app, 200, time.process_time)
     gc.collect()
     gc.disable()
-    push_pop(app, n, time.process_time)
+    time_app_context(app, n, time.process_time)
 
 
 def instructions(step: str, n: int) -> float:
-    def count(k: int) -> int:
-        with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=cachegrind",
-                    "--cache-sim=no",
-                    f"--cachegrind-out-file={os.path.join(tmp, 'cg.out')}",
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--child",
-                    step,
-                    str(k),
-                ],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONHASHSEED": "0"},
-            )
-        match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
-        if proc.returncode != 0 or match is None:
-            raise RuntimeError(f"valgrind run failed ({step}):\n{proc.stderr[-2000:]}")
-        return int(match.group(1).replace(",", ""))
-
-    return (count(2 * n) - count(n)) / n
+    return per_run([sys.executable, os.path.abspath(__file__), "--child", step], n)
 
 
 def main(argv: list[str] | None = None) -> int:

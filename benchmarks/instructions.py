@@ -78,22 +78,16 @@ def _no_clock() -> float:
     return 1.0
 
 
-def count(operation: str, variant: str, n: int, python: str) -> int:
-    """Instructions the whole child process ran."""
+def valgrind_count(command: list[str]) -> int:
+    """Instructions the whole process ``command`` ran, under cachegrind."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "cg.out")
         proc = subprocess.run(
             [
                 "valgrind",
                 "--tool=cachegrind",
                 "--cache-sim=no",
-                f"--cachegrind-out-file={out}",
-                python,
-                os.path.abspath(__file__),
-                "--child",
-                operation,
-                variant,
-                str(n),
+                f"--cachegrind-out-file={os.path.join(tmp, 'cg.out')}",
+                *command,
             ],
             capture_output=True,
             text=True,
@@ -101,12 +95,19 @@ def count(operation: str, variant: str, n: int, python: str) -> int:
         )
     match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
     if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"valgrind run failed ({operation}, {variant}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"valgrind run failed ({command[2:]}):\n{proc.stderr[-2000:]}")
     return int(match.group(1).replace(",", ""))
 
 
+def per_run(command: list[str], n: int) -> float:
+    """Instructions per operation of ``command + [N]``: its run with 2n operations
+    minus its run with n (start-up, imports and warm-up cancel out)."""
+    return (valgrind_count([*command, str(2 * n)]) - valgrind_count([*command, str(n)])) / n
+
+
 def per_operation(operation: str, variant: str, n: int, python: str) -> float:
-    return (count(operation, variant, 2 * n, python) - count(operation, variant, n, python)) / n
+    script = os.path.abspath(__file__)
+    return per_run([python, script, "--child", operation, variant], n)
 
 
 def main(argv: list[str] | None = None) -> int:
