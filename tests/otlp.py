@@ -245,13 +245,19 @@ def gunicorn(
         try:
             yield port
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process, 30)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM (a graceful stop: gunicorn's workers export what they have left), then
+    SIGKILL if it lingers past ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def get(port: int, path: str) -> str:

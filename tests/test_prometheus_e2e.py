@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -40,7 +39,7 @@ import pytest
 pytest.importorskip("gunicorn")
 pytest.importorskip("opentelemetry.proto")
 
-from otlp import get, gunicorn, otlp_receiver
+from otlp import get, gunicorn, otlp_receiver, stop
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = {
@@ -94,12 +93,7 @@ def process(command: list[str], log_path: Path, ready_url: str) -> Iterator[None
                     time.sleep(0.2)
             yield
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 15)
 
 
 def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
