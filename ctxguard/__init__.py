@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from . import telemetry as _telemetry
+from . import threads as _threads
 from .extension import CtxGuard
 from .ledger import snapshot as _snapshot
 from .middleware import CtxGuardMiddleware
@@ -40,11 +41,13 @@ __all__ = [
 def snapshot() -> dict[str, Any]:
     """A JSON-serialisable view of every worker's open contexts in this process.
 
-    Each context has its kind, push site (file, line, function), age in
-    seconds and the request it was pushed in (method, route template,
-    endpoint), and whether it was reported as leaked. It is also a safe point:
+    Each worker has its kind (``ctxguard.worker.kind``: request, thread,
+    executor, celery, ...) and origin (the request that started its work:
+    method, route template, endpoint; None when none did). Each context has its
+    kind, push site (file, line, function), age in seconds and the request it
+    was pushed in, and whether it was reported as leaked. It is also a safe point:
     events kept back while the OpenTelemetry SDK or ctxguard itself was busy on
     some thread are emitted first, unless the caller is itself inside the SDK.
     """
     _telemetry.drain_if_safe(sys._getframe(1))
-    return _snapshot()
+    return _snapshot(_threads.describe)

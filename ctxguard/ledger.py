@@ -760,6 +760,28 @@ def open_contexts(
     return [v for v in views if request is None or v.request is request]
 
 
+Mark = dict[int, float]
+
+
+def mark(w: Worker | None) -> Mark:
+    """What is open on ``w`` now, to tell later which contexts were pushed since.
+
+    A record is known by its identity and push time together: a record popped
+    meanwhile may leave its address to a new one.
+    """
+    if w is None or not w.open:
+        return {}
+    return {id(record): record[_PUSHED_AT] for record in list(w.open)}
+
+
+def opened_since(w: Worker, before: Mark) -> list[OpenContext]:
+    """The worker's open contexts that were not open at ``before`` (its own thread only)."""
+    items = open_contexts(w)
+    if not before:
+        return items
+    return [item for item in items if before.get(id(item.handle)) != item.handle[_PUSHED_AT]]
+
+
 def top(w: Worker) -> OpenContext | None:
     """The most recently pushed context still open on this worker."""
     return _view(w.open[-1], _monotonic()) if w.open else None
@@ -868,8 +890,14 @@ def observations() -> dict[str, list[tuple[dict[str, str], int]]]:
     }
 
 
-def snapshot() -> dict[str, Any]:
-    """Every worker's open contexts, as plain JSON-serialisable data."""
+def snapshot(
+    describe: Callable[[Worker], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Every worker's open contexts, as plain JSON-serialisable data.
+
+    ``describe`` adds what other modules know of each worker (its kind, the
+    request that started its work).
+    """
     workers = []
     for w in sorted(live_workers(), key=lambda w: w.serial):
         contexts = []
@@ -890,7 +918,11 @@ def snapshot() -> dict[str, Any]:
                 }
             )
         if contexts:
-            workers.append({"thread_id": w.ident, "thread_name": w.name, "contexts": contexts})
+            entry: dict[str, Any] = {"thread_id": w.ident, "thread_name": w.name}
+            if describe is not None:
+                entry.update(describe(w))
+            entry["contexts"] = contexts
+            workers.append(entry)
     return {"pid": os.getpid(), "workers": workers}
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import GeneratorType
 from typing import Any
 
-from . import flaskmodel, frames, leaks, ledger, policy, process, settings, telemetry, threads
+from . import leaks, ledger, policy, process, settings, telemetry, threads
 from .ledger import OpenContext, RequestInfo, Worker
 
 WSGIApp = Callable[..., Iterable[bytes]]
@@ -299,7 +299,7 @@ class CtxGuardMiddleware:
             if test is None:
                 test = policy.test_client_request(sys._getframe(2))
             if not test:
-                _heal(w)
+                leaks.heal(w, _ended)
 
     def _end(self, w: Worker, info: RequestInfo, here: Worker | None = None) -> None:
         """The request is over: anything it pushed and did not pop is a leak.
@@ -383,48 +383,9 @@ def _runs_code(body: Any, environ: Any) -> bool:
     return True
 
 
-def _heal(w: Worker) -> None:
-    """Pop stale contexts from the top of this thread's stack so their teardown runs.
-
-    Popping a request context may pop the app context it pushed too: every
-    context that left the ledger is counted. A teardown function that raises
-    is logged by its exception type only: its message can hold request data.
-    """
-    # Each context as first seen, with the push site it was reported with (a
-    # context Flask pushed for a request borrows the site of the request's next
-    # push, which may be healed first).
-    seen: dict[int, OpenContext] = {}
-    while True:
-        item = ledger.top(w)
-        if item is None or item.request is None or not item.request.ended or not item.current:
-            return
-        if not item.reported:
-            return  # its request ended since the check above: reported and healed next time
-        before = ledger.open_contexts(w, prune=False)
-        for other in before:
-            seen.setdefault(id(other.handle), other)
-        try:
-            item.context().pop()
-        except Exception as exc:
-            # A teardown function failed; Flask still popped the context.
-            telemetry.log_event(
-                ("heal", item.kind, item.site),
-                "ctxguard: a teardown function raised %s while healing a stale %s context",
-                flaskmodel.raised_names(exc),
-                item.kind,
-            )
-        remaining = {id(other.handle) for other in ledger.open_contexts(w, prune=False)}
-        healed = [seen[id(other.handle)] for other in before if id(other.handle) not in remaining]
-        for other in healed:
-            telemetry.count(telemetry.HEALED, {telemetry.CONTEXT_KIND: other.kind})
-            telemetry.log_event(
-                ("healed", other.kind, other.site),
-                "ctxguard: popped a stale %s context (pushed at %s) so its teardown ran",
-                other.kind,
-                frames.where(other.location, "a place Flask chose (no user code on the stack)"),
-            )
-        if not healed:
-            return  # Flask could not pop it; do not loop.
+def _ended(item: OpenContext) -> bool:
+    """Stale: pushed during a request that has ended."""
+    return item.request is not None and item.request.ended
 
 
 class _Body:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import telemetry
+from . import events, telemetry
 
 PRESERVE_KEY = "werkzeug.debug.preserve_context"
 CONFIG_KEY = "PRESERVE_CONTEXT_ON_EXCEPTION"
@@ -123,13 +123,11 @@ def report(violation: Violation, action: str) -> None:
         attributes,
         throttle_key=(violation.rule, action),
     )
-    telemetry.log_event(
-        ("policy", violation.rule, action),
-        "ctxguard: production policy violation %s (%s): %s",
-        violation.rule,
-        action,
-        violation.detail,
-    )
+    text = "ctxguard: production policy violation %s (%s): %s"
+    args = (violation.rule, action, violation.detail)
+    telemetry.log_event(("policy", violation.rule, action), text, *args)
+    if events.listening():
+        events.emit(telemetry.SPAN_POLICY_VIOLATION, attributes, (text, args))
 
 
 def apply(app: Any, violations: list[Violation], policy: str, *, refuse: bool = True) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
-from . import flaskmodel, frames, ledger, telemetry, threads
+from . import events, flaskmodel, frames, ledger, telemetry, threads
 
 #: The proxies in ``flask.globals``, and the context each one needs.
 PROXIES = (
@@ -376,6 +376,9 @@ def report(
         if origin is not None:
             attrs[telemetry.HTTP_METHOD] = origin.http_method
             attrs[telemetry.ORIGIN_ENDPOINT] = origin.endpoint
+        extra = threads.attributes_of(w)
+        if extra:
+            attrs.update(extra)
         return attrs
 
     def message() -> tuple[str, tuple[Any, ...]]:
@@ -401,6 +404,8 @@ def report(
         later=later,
     )
     telemetry.log_event(("error", key), message, later=later)
+    if events.listening():
+        events.emit(telemetry.SPAN_CONTEXT_ERROR, attributes, message)
 
 
 def _importing(frame: FrameType | None, site: frames.Site | None) -> bool:
@@ -442,6 +447,18 @@ def hint(
             "This runs after the request's context was popped, while its response is"
             " streamed or closed: wrap the generator with `flask.stream_with_context`, or"
             " the callback with `flask.copy_current_request_context`."
+        )
+    if worker_kind == telemetry.WORKER_CELERY:
+        if kind == telemetry.KIND_REQUEST:
+            return (
+                f"A Celery task runs after the request that enqueued it, in another worker:"
+                f" pass the values it needs from `{proxy}` in as task arguments when you"
+                " enqueue it."
+            )
+        return (
+            "Run tasks inside the app's context: give Celery a `Task` class whose"
+            " `__call__` runs the task in `with app.app_context():`, as in Flask's"
+            " Celery guide."
         )
     if kind == telemetry.KIND_REQUEST:
         if spawned:

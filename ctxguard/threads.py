@@ -20,7 +20,7 @@ import functools
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import FunctionType, MethodType
 from typing import Any
@@ -98,7 +98,7 @@ def _in_cli() -> bool:
 
 
 class Origin:
-    """The request that handed work to a thread or an executor.
+    """The request that handed work to a thread, an executor or a task queue.
 
     Taken when the work is started or submitted; ``span_context`` is the span
     active then (the request's, when it is traced), for a span link.
@@ -114,11 +114,31 @@ class Origin:
         self.endpoint = info.endpoint
         self.span_context = span_context
 
+    @classmethod
+    def of(
+        cls,
+        route: str | None,
+        http_method: str | None,
+        endpoint: str | None,
+        span_context: Any = None,
+    ) -> Origin:
+        """An origin carried over a process boundary (a task message's headers)."""
+        origin = cls.__new__(cls)
+        origin.route = route
+        origin.http_method = http_method
+        origin.endpoint = endpoint
+        origin.span_context = span_context
+        return origin
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"method": self.http_method, "route": self.route, "endpoint": self.endpoint}
+
 
 #: What each thread (or greenlet) runs now for ctxguard, by ident: its worker
-#: kind and origin. Kept apart from the ledger so that a thread that never
-#: pushes a context never gets a ledger of its own.
-_bindings: dict[int, tuple[str, Origin | None]] = {}
+#: kind, origin and the attributes its reports carry (a Celery task's name).
+#: Kept apart from the ledger so that a thread that never pushes a context
+#: never gets a ledger of its own.
+_bindings: dict[int, tuple[str, Origin | None, Mapping[str, Any] | None]] = {}
 
 
 def origin_of(w: Worker) -> RequestInfo | Origin | None:
@@ -127,6 +147,35 @@ def origin_of(w: Worker) -> RequestInfo | Origin | None:
         return w.request
     binding = _bindings.get(_get_ident())
     return binding[1] if binding is not None else None
+
+
+def attributes_of(w: Worker) -> Mapping[str, Any] | None:
+    """What the unit of work running here adds to its reports (a task's name)."""
+    if w.request is not None:
+        return None
+    binding = _bindings.get(_get_ident())
+    return binding[2] if binding is not None else None
+
+
+def describe(w: Worker) -> dict[str, Any]:
+    """The kind of any worker (not only this thread's) and its origin, for ``snapshot``."""
+    origin: Any
+    if w.request is not None:
+        kind, origin = telemetry.WORKER_REQUEST, w.request
+    else:
+        binding = _bindings.get(w.ident)
+        if binding is not None:
+            kind, origin = binding[0], binding[1]
+        else:
+            origin = None
+            main = threading.main_thread()
+            kind = telemetry.WORKER_MAIN if w.ident == main.ident else telemetry.WORKER_THREAD
+    return {"kind": kind, "origin": origin.as_dict() if origin is not None else None}
+
+
+def current_origin() -> Origin | None:
+    """The request being handled on this thread now, as an origin for work it hands over."""
+    return _capture()[0]
 
 
 def _capture() -> tuple[Origin | None, Any]:
@@ -139,14 +188,19 @@ def _capture() -> tuple[Origin | None, Any]:
     return origin, app if app is not None and app in _propagating else None
 
 
-_State = tuple[int, "tuple[str, Origin | None] | None", Any, "Origin | None"]
+_Binding = tuple[str, "Origin | None", "Mapping[str, Any] | None"]
+_State = tuple[int, "_Binding | None", Any, "Origin | None", ledger.Mark]
 
 
-def _enter(kind: str, origin: Origin | None, app: Any) -> _State | None:
+def _enter(
+    kind: str, origin: Origin | None, app: Any, attributes: Mapping[str, Any] | None = None
+) -> _State | None:
     try:
         ident = _get_ident()
         previous = _bindings.get(ident)
-        _bindings[ident] = (kind, origin)
+        # Contexts open before the work began (a worker process's own) are not its own.
+        before = ledger.mark(ledger.existing())
+        _bindings[ident] = (kind, origin, attributes)
     except Exception as exc:
         telemetry.fault("thread start", exc)
         return None
@@ -161,13 +215,15 @@ def _enter(kind: str, origin: Origin | None, app: Any) -> _State | None:
                 ctx = None
             # else: pushed, then an ``appcontext_pushed`` receiver raised. It is
             # current: popped at the end like any other, so its teardown runs.
-    return ident, previous, ctx, origin
+    return ident, previous, ctx, origin, before
 
 
-def _exit(state: _State | None, site: str) -> None:
+def _exit(state: _State | None, site: str) -> list[ledger.OpenContext]:
+    """Report what the work left open; returns the contexts reported."""
+    reported: list[ledger.OpenContext] = []
     if state is None:
-        return
-    ident, previous, ctx, origin = state
+        return reported
+    ident, previous, ctx, origin, before = state
     try:
         if ctx is not None and ledger.current(telemetry.KIND_APP) is ctx:
             try:
@@ -184,15 +240,19 @@ def _exit(state: _State | None, site: str) -> None:
         w = ledger.existing()
         # Uninstalled meanwhile: pops since went unseen, so the ledger cannot judge.
         if w is not None and w.open and _active:
-            for item in ledger.open_contexts(w):
+            binding = _bindings.get(ident)
+            extra = binding[2] if binding is not None else None
+            for item in ledger.opened_since(w, before):
                 # A request's contexts are the middleware's to judge when the request
                 # ends (its body may still be streaming from here); a push that only
                 # counted one more push of a context living elsewhere (Flask 3.2) is
                 # ended there.
                 if item.reported or item.request is not None or item.nested:
                     continue
-                if ctx is None or item.context() is not ctx:
-                    leaks.report(item, w, site, origin=origin)
+                if (ctx is None or item.context() is not ctx) and leaks.report(
+                    item, w, site, origin=origin, attributes=extra
+                ):
+                    reported.append(item)
     except Exception as exc:
         telemetry.fault("thread end check", exc)
     finally:
@@ -200,6 +260,33 @@ def _exit(state: _State | None, site: str) -> None:
             _bindings.pop(ident, None)
         else:
             _bindings[ident] = previous
+    return reported
+
+
+class Unit:
+    """One unit of work that is not a request (a task a queue hands to a worker).
+
+    ``begin`` binds its worker kind, origin and report attributes to this
+    thread (or greenlet); ``end`` reports, as leaked at ``site``, every
+    context pushed since ``begin`` and still open, and returns them. Contexts
+    open before ``begin`` (a worker's own) are not the unit's. Never raises.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: _State | None) -> None:
+        self._state = state
+
+    def end(self, site: str = telemetry.SITE_TASK_END) -> list[ledger.OpenContext]:
+        state, self._state = self._state, None
+        return _exit(state, site)
+
+
+def begin(
+    kind: str, origin: Origin | None = None, attributes: Mapping[str, Any] | None = None
+) -> Unit:
+    """Start a unit of work on this thread; see :class:`Unit`."""
+    return Unit(_enter(kind, origin, None, attributes) if _active else None)
 
 
 # --------------------------------------------------------------------------
