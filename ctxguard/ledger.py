@@ -774,9 +774,12 @@ def mark(w: Worker | None) -> Mark:
     return {id(record): record[_PUSHED_AT] for record in list(w.open)}
 
 
-def opened_since(w: Worker, before: Mark) -> list[OpenContext]:
-    """The worker's open contexts that were not open at ``before`` (its own thread only)."""
-    items = open_contexts(w)
+def opened_since(w: Worker, before: Mark, *, prune: bool = True) -> list[OpenContext]:
+    """The worker's open contexts that were not open at ``before``.
+
+    ``prune`` as for ``open_contexts``: only on the worker's own thread.
+    """
+    items = open_contexts(w, prune=prune)
     if not before:
         return items
     return [item for item in items if before.get(id(item.handle)) != item.handle[_PUSHED_AT]]
