@@ -1,11 +1,12 @@
 """The test matrix: every supported Python against every supported Flask.
 
     pip install -e ".[dev]"     # brings nox
-    nox                         # lint, the 12 test sessions, flask-main on each Python
+    nox                         # lint, the 12 test sessions, flask-main on each Python, docs
     nox -s tests                # the 12 test sessions
     nox -s "tests-3.10(flask='2.3')"   # one of them
     nox -s lint
     nox -s flask-main           # Flask's next release, from the snapshot beside the repo
+    nox -s docs                 # the documentation site, in docs/_build/html
 
 The interpreters come from pyenv. Only one of them is pyenv's global version,
 so the others' ``pythonX.Y`` shims refuse to run; the newest installed patch
@@ -37,7 +38,7 @@ SHOW_VERSIONS = (
     " 'flask', m.version('flask'), 'werkzeug', m.version('werkzeug'))"
 )
 
-nox.options.sessions = ["lint", "tests", "flask-main"]
+nox.options.sessions = ["lint", "tests", "flask-main", "docs"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -117,6 +118,27 @@ def lint(session: nox.Session) -> None:
     session.install("-e", ".[lint]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx, MyST, furo) in docs/_build/html; a warning fails it.
+
+    ``-E`` reads every page again: a page whose warning failed the previous build would
+    otherwise be skipped as unchanged, and the build would pass.
+    """
+    session.install("-e", ".[docs]")
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-E",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )
 
 
 @nox.session(python="3.11")
