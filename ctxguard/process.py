@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from . import frames, ledger, proxies, settings, telemetry, threads
+from . import apps, frames, ledger, proxies, settings, telemetry, threads
 
 _lock = threading.RLock()
 # (owner, attribute, original, replacement, owner had the attribute itself)
@@ -67,7 +67,7 @@ def install(
         ledger.reset()
         frames.refresh()
         try:
-            for hooks in (ledger.hooks, proxies.hooks, threads.hooks):
+            for hooks in (ledger.hooks, proxies.hooks, threads.hooks, apps.hooks):
                 for owner, name, replacement in hooks():
                     own = _has_own(owner, name)
                     original = _own(owner, name) if own else getattr(owner, name)
@@ -80,6 +80,7 @@ def install(
             telemetry.fault("install", exc)
             return False
         settings.warn_unknown_variables()
+        _integrations(enable=True)
         telemetry.logger.info(
             "ctxguard: process hooks installed (pid %d); in_app_include=%s (%s),"
             " in_app_exclude=%s (%s)",
@@ -90,6 +91,23 @@ def install(
             sources["in_app_exclude"],
         )
         return True
+
+
+def _integrations(*, enable: bool) -> None:
+    """Switch on (or off) the integrations of libraries already imported.
+
+    A Celery worker imports Celery before the application's module, where
+    ``install()`` (or ``CtxGuard(app)``) runs: its tasks become units of work
+    with no other line of code.
+    """
+    if "celery" not in sys.modules:
+        return
+    try:
+        from .integrations import celery
+
+        celery.enable() if enable else celery.disable()
+    except Exception as exc:
+        telemetry.fault("celery integration", exc)
 
 
 def add_app(app: Any) -> None:
@@ -166,6 +184,7 @@ def uninstall() -> None:
     ``install()`` starts from a clean slate.
     """
     with _lock:
+        _integrations(enable=False)
         _restore()
         threads.reset()
         telemetry.drain_if_safe(sys._getframe(1))

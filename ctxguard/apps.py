@@ -1,0 +1,80 @@
+"""Every Flask app the process makes, as it is made.
+
+Code that runs before the application is imported (``opentelemetry-instrument``
+loads its instrumentors from ``sitecustomize``; a pytest plugin starts before
+the tests) has no app to hand to ``CtxGuard``. ``Flask.__init__`` is wrapped
+on the class that defines it, so apps of every subclass and every factory are
+seen, and the listeners are called with each app once its ``__init__``
+returns. Making an app is rare: the wrapper costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from types import FunctionType
+from typing import Any
+
+from . import telemetry
+
+Listener = Callable[[Any], None]
+
+#: Replaced, never changed in place, so an ``__init__`` running on another
+#: thread iterates a tuple nobody changes under it.
+_listeners: tuple[Listener, ...] = ()
+_lock = threading.Lock()
+
+
+def subscribe(listener: Listener) -> Callable[[], None]:
+    """Call ``listener(app)`` for every Flask app made from now on, while the
+    process hooks are installed; returns the function that stops it.
+
+    What the listener raises is logged and swallowed: the app is made anyway.
+    """
+    global _listeners
+    with _lock:
+        _listeners = (*_listeners, listener)
+
+    def unsubscribe() -> None:
+        global _listeners
+        with _lock:
+            remaining = list(_listeners)
+            if listener in remaining:
+                remaining.remove(listener)
+            _listeners = tuple(remaining)
+
+    return unsubscribe
+
+
+def _made(app: Any) -> None:
+    for listener in _listeners:
+        try:
+            listener(app)
+        except Exception as exc:
+            telemetry.fault("app listener", exc)
+
+
+def _make_init(original: Any) -> Callable[..., None]:
+    plain = type(original) is FunctionType
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if plain:
+            original(self, *args, **kwargs)
+        else:
+            original.__get__(self, type(self))(*args, **kwargs)
+        # A subclass's ``__init__`` calls this one through ``super()``: the
+        # listeners see the app when the outermost ``__init__`` of Flask's
+        # own class returns, before the subclass's remaining lines run.
+        if _listeners:
+            _made(self)
+
+    return functools.wraps(original)(__init__)
+
+
+def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    """``Flask.__init__``, with its replacement."""
+    import flask
+
+    owner = next(c for c in flask.Flask.__mro__ if "__init__" in vars(c))
+    yield owner, "__init__", _make_init(vars(owner)["__init__"])
