@@ -275,6 +275,51 @@ def test_snapshot_of_a_context_pushed_in_a_request_names_the_request(telemetry):
         assert [c["line"] for c in after] == [c["line"] for c in contexts]
 
 
+def test_snapshot_shows_each_workers_kind_and_the_request_that_started_it(telemetry):
+    """A thread started by a request and still holding a context: the snapshot says it is
+    a `thread` worker started by that request (method, route template, endpoint); the
+    main thread holding one of its own is a `main` worker with no origin."""
+    app = make_app()
+    pushed = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with app.app_context():
+            pushed.set()
+            release.wait(60)
+
+    threads: list[threading.Thread] = []
+
+    @app.route("/start/<name>", methods=["POST"])
+    def start(name: str) -> str:
+        thread = threading.Thread(target=hold, name="held")
+        thread.start()
+        threads.append(thread)
+        return name
+
+    ctxguard.CtxGuard(app, **telemetry.providers)
+    call(app, "/start/x", REQUEST_METHOD="POST")
+    assert pushed.wait(60)
+    ctx = app.app_context()
+    ctx.push()
+    try:
+        snap = ctxguard.snapshot()
+    finally:
+        ctx.pop()
+        release.set()
+        threads[0].join(60)
+    assert json.loads(json.dumps(snap)) == snap
+    workers = {w["thread_name"]: w for w in snap["workers"]}
+    assert workers["held"]["kind"] == "thread"
+    assert workers["held"]["origin"] == {
+        "method": "POST",
+        "route": "/start/<name>",
+        "endpoint": "start",
+    }
+    main = workers[threading.current_thread().name]
+    assert (main["kind"], main["origin"]) == ("main", None)
+
+
 def test_snapshot_of_a_context_pushed_before_install(telemetry):
     """Pushed before ctxguard was installed: listed, its push site unknown (``None``), not
     leaked, reachable, pushed in no request."""
