@@ -400,17 +400,22 @@ def _make_submit(original: Any) -> Callable[..., Any]:
     return functools.wraps(original)(submit)
 
 
-def _task(fn: Any) -> Callable[..., Any]:
-    origin, app = _capture()
+def _task(
+    fn: Any,
+    kind: str = telemetry.WORKER_EXECUTOR,
+    site: str = telemetry.SITE_TASK_END,
+    captured: tuple[Origin | None, Any] | None = None,
+) -> Callable[..., Any]:
+    origin, app = captured if captured is not None else _capture()
 
     def task(*args: Any, **kwargs: Any) -> Any:
         if not _active:
             return fn(*args, **kwargs)
-        state = _enter(telemetry.WORKER_EXECUTOR, origin, app)
+        state = _enter(kind, origin, app)
         try:
             return fn(*args, **kwargs)
         finally:
-            _exit(state, telemetry.SITE_TASK_END)
+            _exit(state, site)
 
     try:
         if type(fn) is FunctionType:
@@ -445,9 +450,61 @@ def _assign_identity(task: Any, fn: FunctionType) -> None:
     task.__wrapped__ = fn
 
 
+def _make_spawn(original: Any, position: int) -> Callable[..., Any]:
+    """gevent's ``spawn``, ``spawn_later`` or ``Group.spawn``, whose argument at
+    ``position`` is the function the greenlet runs.
+
+    Called during a request, the function runs bound to the request's origin
+    and its balance is checked when it returns (``thread_exit``, as a thread's).
+    Elsewhere, or when gevent has not patched ``threading`` (greenlets then
+    share their thread's ledger, so a binding would leak into the others),
+    the call goes straight through.
+    """
+
+    def spawn(*args: Any, **kwargs: Any) -> Any:
+        if _active and len(args) > position and _greenlets_are_workers():
+            try:
+                captured = _capture()
+                if captured[0] is not None:
+                    fn = _task(
+                        args[position],
+                        telemetry.WORKER_GREENLET,
+                        telemetry.SITE_THREAD_EXIT,
+                        captured,
+                    )
+                    args = (*args[:position], fn, *args[position + 1 :])
+            except Exception as exc:
+                telemetry.fault("greenlet spawn", exc)
+        return original(*args, **kwargs)
+
+    return functools.wraps(original)(spawn)
+
+
+def _greenlets_are_workers() -> bool:
+    """Has gevent patched ``threading``, and ctxguard followed, so that each greenlet
+    is a worker of its own?"""
+    try:
+        from gevent import monkey
+
+        return bool(monkey.is_module_patched("threading")) and _get_ident is threading.get_ident
+    except Exception:
+        return False
+
+
+def _gevent_hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
+    import gevent
+    import gevent.pool
+
+    yield gevent, "spawn", _make_spawn(gevent.spawn, 0)
+    yield gevent, "spawn_later", _make_spawn(gevent.spawn_later, 1)
+    owner = _defining(gevent.pool.Group, "spawn")
+    yield owner, "spawn", _make_spawn(vars(owner)["spawn"], 1)
+
+
 def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
     """``Thread.start`` (and ``Timer.start`` if something gave it its own),
-    and ``ThreadPoolExecutor.submit``, with their replacements."""
+    ``ThreadPoolExecutor.submit``, and gevent's ``spawn`` functions when gevent
+    is imported, with their replacements."""
     global _active, _get_ident
     _active = True
     _get_ident = threading.get_ident  # gevent's, once it has patched threading
@@ -459,6 +516,8 @@ def hooks() -> Iterator[tuple[Any, str, Callable[..., Any]]]:
         yield threading.Timer, "start", _make_start(vars(threading.Timer)["start"])
     owner = _defining(ThreadPoolExecutor, "submit")
     yield owner, "submit", _make_submit(vars(owner)["submit"])
+    if "gevent" in sys.modules:
+        yield from _gevent_hooks()
 
 
 def _defining(cls: type, name: str) -> type:

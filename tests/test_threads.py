@@ -1060,8 +1060,11 @@ def test_failed_start_raises_the_same_error_and_leaves_no_run_behind(telemetry):
 
 @pytest.mark.parametrize("import_first", [False, True], ids=["patch-first", "import-first"])
 def test_gevent_greenlets_are_workers(import_first):
-    """Under ``monkey.patch_all()``: a greenlet spawned by a view that touches ``request`` is
-    a "greenlet" worker; two greenlets pushing app contexts have separate ledgers; a
+    """Under ``monkey.patch_all()``: a greenlet spawned by a view (``gevent.spawn``,
+    ``spawn_later``, a pool's ``spawn``) that touches ``request`` is a "greenlet" worker
+    carrying the view's origin and linked to its span; one that leaks a context is reported
+    at ``thread_exit`` with the view's route; a greenlet spawned outside any request has no
+    origin; two greenlets pushing app contexts have separate ledgers; a
     ``threading.Thread`` (a greenlet now) started in a view carries the view's origin. The
     same when ctxguard was imported before gevent patched, as long as it is installed after."""
     script = os.path.join(HERE, "threads_gevent.py")
@@ -1078,17 +1081,41 @@ def test_gevent_greenlets_are_workers(import_first):
     assert report["patched"] is True
     assert report["installed"] is True, done.stderr
     assert report["status"] == 200
-    errors = {s["code.function.name"].rsplit(".", 1)[-1]: s for s in report["error_spans"]}
-    assert set(errors) == {"touch_in_greenlet", "touch_in_thread"}
-    greenlet = errors["touch_in_greenlet"]
-    assert greenlet["ctxguard.worker.kind"] == "greenlet"
-    assert greenlet["code.line.number"] == line_of(script, "# touch: " + "greenlet")
+    spans = report["error_spans"]
+    names = [s["code.function.name"].rsplit(".", 1)[-1] for s in spans]
+    assert sorted(names) == sorted(
+        ["touch_in_greenlet", "touch_in_thread", "touch_later", "touch_in_pool", "touch_outside"]
+    )
+    errors = dict(zip(names, spans, strict=True))
+    in_request = [s for s in spans if "http.route" in s]
+    assert len(in_request) == 4
+    for span in in_request:
+        assert span["http.route"] == ROUTE
+        assert span["ctxguard.origin.endpoint"] == "show_item"
+        assert span["links"] == [report["request_span_id"]]
+    greenlets = [s for s in spans if s["ctxguard.worker.kind"] == "greenlet"]
+    assert len(greenlets) == 4
+    for name, marker in [
+        ("touch_in_greenlet", "greenlet"),
+        ("touch_later", "spawn_later"),
+        ("touch_in_pool", "pool"),
+        ("touch_outside", "outside"),
+    ]:
+        assert errors[name]["ctxguard.worker.kind"] == "greenlet"
+        assert errors[name]["code.line.number"] == line_of(script, "# touch: " + marker)
+    outside = errors["touch_outside"]
+    assert "http.route" not in outside
+    assert outside["links"] == []
+    (leak,) = report["leak_spans"]
+    assert leak["ctxguard.leak.site"] == "thread_exit"
+    assert leak["http.route"] == ROUTE
+    assert leak["code.line.number"] == line_of(script, "# push: greenlet, never popped")
     thread = errors["touch_in_thread"]
     assert thread["ctxguard.worker.kind"] == "thread"
     assert thread["http.route"] == ROUTE
     assert thread["ctxguard.origin.endpoint"] == "show_item"
     assert thread["code.line.number"] == line_of(script, "# touch: " + "thread")
-    assert report["messages"] == [OUTSIDE_REQUEST] * 2
+    assert report["messages"] == [OUTSIDE_REQUEST] * 5
 
     # Two greenlets, two workers, each with its own app context and push line.
     workers = report["snapshot"]["workers"]
@@ -1100,12 +1127,37 @@ def test_gevent_greenlets_are_workers(import_first):
     )
     assert all(len(w["contexts"]) == 1 for w in workers)
     assert report["own_app"] == {"first": "first", "second": "second"}
-    assert report["errors"] == 2
-    assert report["leaks"] == 0
+    assert report["errors"] == 5
+    assert report["leaks"] == 1
+    # uninstall() puts back gevent's own spawn functions, the very objects.
+    assert (report["spawn_hooked"], report["spawn_restored"]) == (True, True)
 
 
 # --------------------------------------------------------------------------
 # 8. Worker kinds at the edges (docs/telemetry.md, Worker kinds).
+
+
+def test_an_asyncio_task_created_in_a_request_sees_the_requests_contexts(telemetry):
+    """asyncio tasks copy the context variables of the code that makes them: a task made
+    during a request (here by ``asyncio.run`` in a view, and by ``create_task`` in that
+    coroutine) reads ``request`` and ``current_app`` as the view would, and nothing is
+    reported (docs/index.md, Threads)."""
+    app = Flask(__name__)
+    ctxguard.CtxGuard(app, **telemetry.providers)
+
+    async def read() -> str:
+        return f"{request.method} {current_app.name}"
+
+    async def main() -> str:
+        return await asyncio.get_running_loop().create_task(read())
+
+    @app.route("/")
+    def view() -> str:
+        return asyncio.run(main())
+
+    assert app.test_client().get("/").data == f"GET {app.name}".encode()
+    assert telemetry.value("ctxguard.context.errors") == 0
+    assert telemetry.value("ctxguard.context.leaks") == 0
 
 
 def test_an_event_loop_callback_is_not_an_asyncio_task(telemetry):
