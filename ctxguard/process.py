@@ -105,7 +105,10 @@ def _integrations(*, enable: bool) -> None:
     try:
         from .integrations import celery
 
-        celery.enable() if enable else celery.disable()
+        if enable:
+            celery.enable()
+        else:
+            celery.disable()
     except Exception as exc:
         telemetry.fault("celery integration", exc)
 
