@@ -144,6 +144,8 @@ def test_inert_imports_nothing_and_installs_nothing(pytester):
             plugin = manager.get_plugin("ctxguard")
             assert plugin is sys.modules["ctxguard.integrations.pytest_plugin"]
             assert manager.get_plugin("ctxguard-guard") is None
+            assert plugin.mode(request.config) is None
+            assert plugin.summary(request.config) is None
             hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin))
             assert hooks == ["pytest_addoption", "pytest_configure"]
         """
@@ -212,7 +214,8 @@ def test_a_leak_in_the_test_body_fails_it_at_teardown_with_the_push_site(pyteste
 
 def test_a_leak_in_a_function_scoped_fixture_fails_the_test(pytester):
     """A function-scoped fixture is part of the test: what it pushes and does not pop fails
-    the test, with the fixture's line."""
+    the test, with the fixture's line; a request context left open is one report, with the
+    app context it pushed for itself."""
     source = write(
         pytester,
         "test_fixture",
@@ -233,6 +236,9 @@ def test_a_leak_in_a_function_scoped_fixture_fails_the_test(pytester):
     result.stdout.fnmatch_lines(
         [f"ctxguard: request context left open by the test: pushed at test_fixture.py:{line}*"]
     )
+    # One report: not another for the app context Flask (up to 3.1) pushed with it.
+    reported = [t for t in result.outlines if t.startswith("ctxguard: ") and "left open" in t]
+    assert len(reported) == 1, reported
 
 
 def test_broader_fixtures_own_their_contexts(pytester):
@@ -419,6 +425,92 @@ def test_the_test_client_gives_no_false_report(pytester):
     result = run(pytester, "--ctxguard")
     result.assert_outcomes(passed=5)
     assert "ctxguard: " not in result.stdout.str().replace("ctxguard: on", "")
+
+
+def test_unittest_and_xunit_setups(pytester):
+    """unittest and xunit set-ups follow their scope: setUpClass (a client entered there, so
+    its kept contexts are the class's) and setup_module belong to the class and the module,
+    setUp/tearDown and setup_method to the test; balanced ones give no report, a setUp that
+    pushes and never pops fails its test."""
+    write(
+        pytester,
+        "test_unit",
+        """
+        import unittest
+
+        def setup_module():
+            global MODULE_CTX
+            MODULE_CTX = app.app_context()
+            MODULE_CTX.push()
+
+        def teardown_module():
+            MODULE_CTX.pop()
+
+        class TestClient(unittest.TestCase):
+            @classmethod
+            def setUpClass(cls):
+                cls.client = app.test_client()
+                cls.client.__enter__()
+
+            @classmethod
+            def tearDownClass(cls):
+                cls.client.__exit__(None, None, None)
+
+            def test_a(self):
+                self.client.get("/")
+                assert request.path == "/"
+
+            def test_b(self):
+                self.client.get("/go")
+                assert request.path == "/go"
+
+        class TestBalanced(unittest.TestCase):
+            def setUp(self):
+                self.ctx = app.test_request_context("/")
+                self.ctx.push()
+
+            def tearDown(self):
+                self.ctx.pop()
+
+            def test_c(self):
+                assert request.path == "/"
+
+        class TestXunit:
+            def setup_method(self):
+                self.ctx = app.test_request_context("/x")
+                self.ctx.push()
+
+            def teardown_method(self):
+                self.ctx.pop()
+
+            def test_x(self):
+                assert request.path == "/x"
+        """,
+    )
+    source = write(
+        pytester,
+        "test_unit_leak",
+        """
+        import unittest
+
+        class TestLeaky(unittest.TestCase):
+            def setUp(self):
+                app.test_request_context().push()  # the push
+
+            def test_leaky(self):
+                pass
+        """,
+    )
+    result = run(pytester, "--ctxguard")
+    result.assert_outcomes(passed=5, errors=1)
+    line = line_of(source, "# the push")
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of TestLeaky.test_leaky*",
+            "ctxguard: request context left open by the test: pushed at"
+            f" test_unit_leak.py:{line} in *setUp",  # TestLeaky.setUp from Python 3.11
+        ]
+    )
 
 
 # -- enabled: threads and executor tasks

@@ -4,8 +4,9 @@ Registered by the ``pytest11`` entry point ``ctxguard`` (``-p no:ctxguard``
 unloads it) and inert unless enabled with ``--ctxguard`` (fail),
 ``--ctxguard=warn`` or the ini option ``ctxguard``. Disabled, it adds an
 option, an ini key, a marker description and the ``ctxguard_events`` fixture,
-and nothing else: no hook runs for any test and nothing of ctxguard is
-imported by it (only the standard library and pytest are imported here).
+and nothing else: no hook runs for any test, and this module imports only the
+standard library and pytest (ctxguard's own modules are imported when the
+plugin is enabled, or the fixture used).
 
 Enabled, ctxguard's process hooks are installed at configure, and each test
 is judged after its own teardown, on the thread that ran it:
@@ -14,7 +15,9 @@ is judged after its own teardown, on the thread that ran it:
 - an outside-context error on another thread (a thread or an executor task
   the test started) that did not reach the test, a leak ctxguard reported
   (a thread or task that ended with a context pushed), and a production
-  policy violation.
+  policy violation reported by a guarded app;
+- an unguarded app made during the test that ctxguard would take for a
+  production app, checked against the production policy (always a warning).
 
 Contexts pushed while a fixture of broader scope was set up are that
 fixture's; one still open when the fixture is torn down is reported then.
@@ -175,6 +178,23 @@ def mode(config: pytest.Config) -> str | None:
     return guard.mode if guard is not None else None
 
 
+def summary(config: pytest.Config) -> dict[str, Any] | None:
+    """What the plugin did this session, None when off: ``mode``, ``active`` (its hooks are
+    in), ``tests`` (tests seen), ``judged`` (tests whose contexts were checked after their
+    teardown), ``findings`` and ``faults`` (its own failures)."""
+    guard = config.stash.get(_GUARD, None)
+    if guard is None:
+        return None
+    return {
+        "mode": guard.mode,
+        "active": guard.active,
+        "tests": guard.tests,
+        "judged": guard.judged,
+        "findings": guard.findings,
+        "faults": guard.faults,
+    }
+
+
 # --------------------------------------------------------------------------
 # The fixture: available whether or not the plugin is enabled.
 
@@ -266,6 +286,9 @@ class Guard:
         self.owned: dict[int, _Owned] = {}
         #: Flask test clients that are values of broader fixtures or class attributes.
         self.clients: list[weakref.ref[Any]] = []
+        self.tests = 0
+        self.judged = 0
+        self.findings = 0
         self.faults = 0
         self.first_fault = ""
         self.why_inactive = ""
@@ -398,8 +421,8 @@ class Guard:
             if process.installed():
                 test.worker = self._ledger.worker()
                 test.mark = self._ledger.mark(test.worker)
-            self._remember_clients(vars(item.cls).values() if getattr(item, "cls", None) else ())
             self.test = test
+            self.tests += 1
         except Exception as exc:
             self._fault("test start", exc)
 
@@ -451,15 +474,13 @@ class Guard:
                 return
             # Reported here, and not again as left open by the test tearing it down.
             test.mark.update({key: owned.records[key] for key in still})
-            for item in self._ledger.open_contexts(test.worker, prune=False):
-                if id(item.handle) in still and item.context() is not None:
-                    test.pending.append(
-                        self._leak(
-                            item,
-                            f"left open by {owned.scope}-scoped fixture {owned.name!r} when it"
-                            " was torn down",
-                        )
-                    )
+            left = [
+                item
+                for item in self._ledger.open_contexts(test.worker, prune=False)
+                if id(item.handle) in still and item.context() is not None
+            ]
+            how = f"left open by {owned.scope}-scoped fixture {owned.name!r} when it was torn down"
+            test.pending.extend(self._leak(item, how) for item in _merged(left))
         except Exception as exc:
             self._fault("fixture teardown", exc)
 
@@ -528,12 +549,13 @@ class Guard:
             if not self._judgeable(test):
                 return []
             found = self._candidates(test)
+            self.judged += 1
             if found:
                 # A generator or response in a reference cycle may hold a context until
                 # the collector runs; judge what is really left.
                 gc.collect()
                 found = self._candidates(test)
-            return [self._leak(item, "left open by the test") for item in found]
+            return [self._leak(item, "left open by the test") for item in _merged(found)]
         except Exception as exc:
             self._fault("leak check", exc)
             return []
@@ -542,6 +564,9 @@ class Guard:
         exempt = dict(test.mark)
         for owned in self.owned.values():
             exempt.update(owned.records)
+        # A test class's clients (set up by setUpClass, a class-scoped fixture) are the class's.
+        cls = getattr(test.item, "cls", None)
+        self._remember_clients(vars(cls).values() if cls is not None else ())
         clients = [client for ref in self.clients if (client := ref()) is not None]
         found = []
         for item in self._ledger.opened_since(test.worker, exempt, prune=False):
@@ -698,8 +723,9 @@ class Guard:
         failure skipped.
         """
         test = self.test
-        if not findings or test is None:
+        if not findings or test is None or test.mode == "off":
             return
+        self.findings += len(findings)
         failing = [f for f in findings if not f.always_warn]
         if test.mode == "fail" and test.passed and failing:
             for finding in findings:
@@ -737,6 +763,18 @@ def _warn(item: pytest.Item, finding: Finding) -> None:
     warnings.warn_explicit(
         finding.category(f"ctxguard: {finding.text}"), finding.category, filename, int(lineno)
     )
+
+
+def _merged(items: list[Any]) -> list[Any]:
+    """Without the app contexts that request contexts in ``items`` pushed for themselves
+    (Flask up to 3.1 pushes one when none is current): one context left open, one report."""
+    implicit = set()
+    for item in items:
+        if item.kind == "request":
+            for token in list(getattr(item.context(), "_cv_tokens", None) or ()):
+                if isinstance(token, tuple) and len(token) == 2 and token[1] is not None:
+                    implicit.add(id(token[1]))
+    return [item for item in items if item.kind == "request" or id(item.context()) not in implicit]
 
 
 def _is_client(value: Any) -> bool:

@@ -12,7 +12,14 @@ imported, so the suite's fixtures and apps are made under the mode:
 * ``plain``: nothing else (ctxguard is not even imported);
 * ``install``: ``ctxguard.install()``, the process hooks only;
 * ``guard``: ``flask.Flask.__init__`` ends with ``ctxguard.CtxGuard(self)``,
-  so every app the suite makes is guarded with default arguments.
+  so every app the suite makes is guarded with default arguments;
+* ``plugin``: nothing here either: ``run.py`` enables ctxguard's own pytest
+  plugin (loaded by its entry point in every mode) with ``--ctxguard=warn``,
+  and its findings (warnings of its categories) are recorded with their tests.
+
+In every mode it records whether ctxguard's pytest plugin was registered and
+in which mode it ran, and which of ctxguard's modules were imported: in
+``plain`` the plugin must be registered and do nothing.
 
 It records each test's outcome by node id, and every ctxguard report (spans
 of the ``ctxguard`` scope, non-zero increments of its synchronous counters)
@@ -34,7 +41,9 @@ from typing import Any
 
 import pytest
 
-MODES = ("plain", "install", "guard")
+MODES = ("plain", "install", "guard", "plugin")
+#: The pytest plugin's module (its ``pytest11`` entry point is named ``ctxguard``).
+PLUGIN_MODULE = "ctxguard.integrations.pytest_plugin"
 SCOPE = "ctxguard"
 #: The synchronous counters: each increment is a report.
 COUNTERS = (
@@ -57,7 +66,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--ctxguard-peer-mode",
         choices=MODES,
         default=None,
-        help="plain, install (ctxguard.install()) or guard (CtxGuard(app) on every Flask app)",
+        help="plain, install (ctxguard.install()), guard (CtxGuard(app) on every Flask app) or"
+        " plugin (ctxguard's pytest plugin, enabled by run.py)",
     )
     group.addoption("--ctxguard-peer-out", default=None, help="write the record here (JSON)")
     group.addoption(
@@ -128,6 +138,7 @@ class Recorder:
         self.apps_made = 0
         self.apps_guarded = 0
         self.installed: bool | None = None
+        self.findings: list[dict[str, Any]] = []
         self._spans_seen = 0
         self._counted: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
         self._observed: dict[str, list[dict[str, Any]]] = {}
@@ -265,6 +276,29 @@ class Recorder:
         elif report.skipped and isinstance(report.longrepr, tuple):
             entry["summary"] = str(report.longrepr[2])
 
+    # -- the pytest plugin's findings
+
+    def pytest_warning_recorded(
+        self, warning_message: Any, when: str, nodeid: str, location: Any
+    ) -> None:
+        """A warning of the plugin's categories: one finding (or a fault of the plugin)."""
+        category = warning_message.category
+        plugin = sys.modules.get(PLUGIN_MODULE)
+        if plugin is None or not isinstance(category, type):
+            return
+        if not issubclass(category, (plugin.CtxGuardWarning, plugin.CtxGuardPluginWarning)):
+            return
+        self.findings.append(
+            {
+                "test": nodeid or (COLLECTION if when == "collect" else OUTSIDE),
+                "when": when,
+                "category": category.__name__,
+                "message": str(warning_message.message),
+                "filename": warning_message.filename,
+                "lineno": warning_message.lineno,
+            }
+        )
+
     # -- the end
 
     @pytest.hookimpl(trylast=True)
@@ -286,6 +320,8 @@ class Recorder:
             },
             "ctxguard": {
                 "imported": "ctxguard" in sys.modules,
+                "modules": sorted(m for m in sys.modules if m.split(".")[0] == "ctxguard"),
+                "pytest_plugin": _pytest_plugin(session.config),
                 "installed_at_start": self.installed,
                 "hooks_installed_at_end": _hooks_installed(),
                 "apps_made": self.apps_made,
@@ -295,10 +331,28 @@ class Recorder:
             "tests_run": self.tests_run,
             "outcomes": self.outcomes,
             "reports": self.reports,
+            "findings": self.findings,
         }
         os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
         with open(self.out, "w", encoding="utf-8") as file:
             json.dump(record, file, indent=1, default=repr)
+
+
+def _pytest_plugin(config: pytest.Config) -> dict[str, Any]:
+    """Was ctxguard's pytest plugin registered (by its entry point), and in which mode?"""
+    plugin = config.pluginmanager.get_plugin("ctxguard")
+    summary = None
+    if plugin is not None:
+        try:
+            summary = plugin.summary(config)
+        except Exception as exc:  # an older plugin: say so rather than fail the record
+            summary = {"mode": f"unknown ({exc!r})"}
+    return {
+        "registered": plugin is not None,
+        "module": getattr(plugin, "__name__", None),
+        "mode": summary["mode"] if summary else None,
+        "summary": summary,
+    }
 
 
 def _hooks_installed() -> bool | None:

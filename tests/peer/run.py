@@ -7,22 +7,31 @@ what did not happen. The widest check of that is other people's tests: Flask's
 own suite and those of Flask-SQLAlchemy, Flask-Login and Flask-WTF, as they
 ship them in their sdists (with their own pytest configuration, such as
 ``filterwarnings = error``), run against the *installed* package of the same
-version, three times each:
+version, four times each:
 
 * ``plain``: no ctxguard at all;
 * ``install``: ``ctxguard.install()`` at session start (the process hooks);
 * ``guard``: every Flask app made by the suite ends its ``__init__`` with
-  ``ctxguard.CtxGuard(self)`` (the middleware and the policy, defaults).
+  ``ctxguard.CtxGuard(self)`` (the middleware and the policy, defaults);
+* ``plugin``: ctxguard's own pytest plugin enabled, ``--ctxguard=warn``: its
+  findings are warnings (``-W always::...CtxGuardWarning`` here, so a suite's
+  ``filterwarnings = error`` does not turn them into errors and the outcomes
+  stay comparable), recorded with their tests and listed for a person to judge.
 
-Real OpenTelemetry SDK providers are set globally in all three modes (see
+The pytest plugin is registered by the package's ``pytest11`` entry point in
+every run: in ``plain`` it must be registered, not enabled, install no hook,
+and import nothing of ctxguard beyond what importing its module brings.
+
+Real OpenTelemetry SDK providers are set globally in all four modes (see
 ``ctxguard_peer.py``, the pytest plugin that sets the mode and records).
 
 The run fails (exit 1) when a test's outcome differs between ``plain`` and a
-ctxguard mode, when ctxguard reports anything during collection, and when the
-comparison itself cannot be trusted: a run that crashed or timed out, a plain
-run with failures (the environment is wrong, not ctxguard), a ctxguard mode in
-which ctxguard saw no context at all, or a suite that imported its package
-from the sdist instead of the installed one (``--allow-plain-failures SUITE``
+ctxguard mode, when ctxguard reports anything during collection, when the
+pytest plugin is not registered, does anything in ``plain`` or fails itself,
+and when the comparison itself cannot be trusted: a run that crashed or timed
+out, a plain run with failures (the environment is wrong, not ctxguard), a
+ctxguard mode in which ctxguard saw no context at all, or a suite that
+imported its package from the sdist instead of the installed one (``--allow-plain-failures SUITE``
 lets a released suite fail without ctxguard against a development Flask; each
 of its tests must still have the same outcome with it). ``--sdist SUITE=PATH``
 takes a suite's tests from a local archive (the snapshot of Flask's main
@@ -63,7 +72,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PLUGIN = "ctxguard_peer"
-MODES = ("plain", "install", "guard")
+MODES = ("plain", "install", "guard", "plugin")
+#: ctxguard's pytest plugin, as its entry point names it, and its warning categories.
+PYTEST_PLUGIN = "ctxguard.integrations.pytest_plugin"
+PLUGIN_MODE_ARGS = (
+    "--ctxguard=warn",
+    "-W",
+    f"always::{PYTEST_PLUGIN}.CtxGuardWarning",
+    "-W",
+    f"always::{PYTEST_PLUGIN}.CtxGuardPluginWarning",
+)
 #: Default home for downloads, extracted trees and results: not the repository's files.
 BASE = REPO / ".nox" / "_peer_suites"
 #: Exit codes of pytest that mean it ran the tests: 0 all passed, 1 some failed.
@@ -72,7 +90,12 @@ RAN = (0, 1)
 VOLATILE = {"thread.id", "ctxguard.context.age", "ctxguard.suppressed"}
 #: Variables that would change what the suites or ctxguard do, whatever the mode.
 SCRUBBED_PREFIXES = ("CTXGUARD_", "FLASK_")
-SCRUBBED = {"PYTEST_ADDOPTS", "PYTEST_PLUGINS", "WERKZEUG_RUN_MAIN"}
+SCRUBBED = {
+    "PYTEST_ADDOPTS",
+    "PYTEST_PLUGINS",
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
+    "WERKZEUG_RUN_MAIN",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +152,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         argv, pytest_args = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
         prog="run.py",
-        description="Run Flask's and three extensions' own test suites in three modes"
-        " (plain, install, guard) and fail on any test whose outcome ctxguard changes"
+        description="Run Flask's and three extensions' own test suites in four modes"
+        " (plain, install, guard, plugin) and fail on any test whose outcome ctxguard changes"
         " or any ctxguard report during collection.",
         epilog="Arguments after a lone -- are passed to every pytest run"
         " (e.g. -- -k test_testing). Install the suites' requirements with"
@@ -328,6 +351,7 @@ def run_pytest(run: Run, pytest_args: Sequence[str], timeout: float) -> Run:
         f"--ctxguard-peer-out={run.out}",
         f"--ctxguard-peer-module={run.suite.module}",
         f"--basetemp={basetemp}",
+        *(PLUGIN_MODE_ARGS if run.mode == "plugin" else ()),
         "-q",
         "-rfE",
         "--color=no",
@@ -487,11 +511,41 @@ def report_count(groups: dict[str, list[dict[str, Any]]]) -> int:
     return counted or sum(group["count"] for group in groups["spans"])
 
 
+def plugin_import_modules() -> list[str] | None:
+    """ctxguard's modules that importing the pytest plugin's module alone brings (what
+    pytest imports at start in every run once the package is installed), from a fresh
+    interpreter of this environment; None if it cannot be imported."""
+    code = (
+        f"import json, sys, {PYTEST_PLUGIN};"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'ctxguard')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_environment()
+    )
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def group_findings(findings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pytest plugin's findings grouped by category and text (paths in the text are
+    relative to the suite's tree already), with their tests."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for finding in findings:
+        key = (finding["category"], finding["message"])
+        group = groups.setdefault(
+            key, {"category": key[0], "message": key[1], "count": 0, "tests": []}
+        )
+        group["count"] += 1
+        if finding["test"] not in group["tests"]:
+            group["tests"].append(finding["test"])
+    return sorted(groups.values(), key=lambda g: (-g["count"], g["category"], g["message"]))
+
+
 def judge(
-    runs: list[Run], allowed: Iterable[str] = ()
+    runs: list[Run], allowed: Iterable[str] = (), plugin_modules: list[str] | None = None
 ) -> tuple[list[str], dict[str, Any], list[str]]:
     """The problems that fail the run, the per-suite results for the JSON file, and
-    notes: the plain failures of the suites in ``allowed``."""
+    notes: the plain failures of the suites in ``allowed``. ``plugin_modules``: what
+    importing the pytest plugin's module brings (``plugin_import_modules``)."""
     problems: list[str] = []
     notes: list[str] = []
     results: dict[str, Any] = {}
@@ -536,8 +590,43 @@ def judge(
                 " not from the installed package"
             )
         ctx = record["ctxguard"]
-        if run.mode == "plain" and ctx["imported"]:
-            problems.append(f"{label}: ctxguard was imported in the plain mode")
+        plugin = ctx.get("pytest_plugin") or {}
+        if not plugin.get("registered"):
+            problems.append(
+                f"{label}: ctxguard's pytest plugin was not registered (its pytest11 entry"
+                " point is missing: reinstall the package, pip install -e .)"
+            )
+        expected_mode = "warn" if run.mode == "plugin" else None
+        if plugin.get("registered") and plugin.get("mode") != expected_mode:
+            problems.append(
+                f"{label}: ctxguard's pytest plugin ran in mode {plugin.get('mode')},"
+                f" expected {expected_mode}"
+            )
+        if run.mode == "plain":
+            if ctx["hooks_installed_at_end"]:
+                problems.append(f"{label}: ctxguard's hooks were installed in the plain mode")
+            extra = sorted(set(ctx.get("modules", [])) - set(plugin_modules or []))
+            if plugin_modules is None:
+                problems.append(f"{label}: could not import {PYTEST_PLUGIN} on its own")
+            elif extra:
+                problems.append(
+                    f"{label}: the plain mode imported ctxguard modules that importing the"
+                    f" pytest plugin's module does not: {', '.join(extra)}"
+                )
+        if run.mode == "plugin" and plugin.get("registered"):
+            summary = plugin.get("summary") or {}
+            if not summary.get("active") or summary.get("judged", 0) < record["tests_run"]:
+                problems.append(
+                    f"{label}: the pytest plugin judged {summary.get('judged')} of"
+                    f" {record['tests_run']} tests (active: {summary.get('active')})"
+                )
+        findings = record.get("findings", [])
+        entry["findings"] = group_findings(findings)
+        faults = [f for f in findings if f["category"] == "CtxGuardPluginWarning"]
+        if faults:
+            problems.append(f"{label}: the pytest plugin failed: {faults[0]['message'][:500]}")
+        if findings and run.mode != "plugin":
+            problems.append(f"{label}: {len(findings)} pytest plugin findings, but not enabled")
         if run.mode != "plain":
             pushes = sum(p["value"] for p in ctx["observed"].get("ctxguard.context.pushes", []))
             if not pushes or not ctx["hooks_installed_at_end"]:
@@ -617,7 +706,7 @@ def summarize(runs: list[Run], results: dict[str, Any], details: int) -> None:
     """The table of outcomes, then per run what differs and what ctxguard reported."""
     columns = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
     header = f"{'suite':<24}{'mode':<9}" + "".join(f"{c:>8}" for c in columns)
-    header += f"{'differ':>8}{'coll.rep':>10}{'test.rep':>10}{'secs':>7}"
+    header += f"{'differ':>8}{'coll.rep':>10}{'test.rep':>10}{'finds':>7}{'secs':>7}"
     print("\n" + header)
     print("-" * len(header))
     for run in runs:
@@ -632,9 +721,11 @@ def summarize(runs: list[Run], results: dict[str, Any], details: int) -> None:
         during = report_count(entry["test_reports"])
         line = f"{label:<24}{run.mode:<9}" + "".join(f"{counts.get(c, 0):>8}" for c in columns)
         line += f"{'-' if differ is None else len(differ):>8}{collected:>10}{during:>10}"
-        line += f"{run.seconds:>7.0f}"
+        finds = sum(group["count"] for group in entry.get("findings", []))
+        line += f"{finds if run.mode == 'plugin' else '-':>7}{run.seconds:>7.0f}"
         print(line)
-    print("(coll.rep / test.rep: ctxguard counter increments during collection / during tests)")
+    print("(coll.rep / test.rep: ctxguard counter increments during collection / during tests;")
+    print(" finds: findings of ctxguard's pytest plugin, --ctxguard=warn, in the plugin mode)")
     sources = {
         run.record["modules"].get("ctxguard")
         for run in runs
@@ -649,7 +740,8 @@ def summarize(runs: list[Run], results: dict[str, Any], details: int) -> None:
         if "counts" not in entry:
             continue
         reports = entry["collection_reports"], entry["test_reports"]
-        if not differ and not any(any(r.values()) for r in reports):
+        findings = entry.get("findings", [])
+        if not differ and not findings and not any(any(r.values()) for r in reports):
             continue
         print(f"\n== {run.suite.name} {run.version} {run.mode}")
         if differ:
@@ -664,6 +756,23 @@ def summarize(runs: list[Run], results: dict[str, Any], details: int) -> None:
         )
         _print_groups("spans during tests", entry["test_reports"]["spans"], details)
         _print_groups("counters during tests", entry["test_reports"]["counters"], details)
+        _print_findings(findings, details)
+
+
+def _print_findings(findings: list[dict[str, Any]], details: int) -> None:
+    if not findings:
+        return
+    print("    findings of ctxguard's pytest plugin (--ctxguard=warn):")
+    for group in findings:
+        lines = group["message"].removeprefix("ctxguard: ").splitlines()
+        print(f"      {group['count']:>5} x {group['category']}: {lines[0]}")
+        for more in lines[1:]:
+            print(textwrap.indent(textwrap.fill(more.strip(), 100), " " * 16))
+        tests = group["tests"]
+        shown = ", ".join(tests[:details]) + (
+            f", ... ({len(tests)} in all)" if len(tests) > details else ""
+        )
+        print(textwrap.indent(textwrap.fill(f"in: {shown}", 100), " " * 16))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = prepare(args)
     started = time.monotonic()
     run_all(runs, pytest_args, args)
-    problems, results, notes = judge(runs, args.allow_plain_failures)
+    problems, results, notes = judge(runs, args.allow_plain_failures, plugin_import_modules())
     summarize(runs, results, args.details)
     for note in notes:
         print(f"\npeer: {note}")
