@@ -67,7 +67,7 @@ def report(
         later=later,
     )
     if ambient:
-        reason = "pushed outside any request and shared by every request on this thread"
+        reason = "pushed outside any request or task and shared by all later work on this thread"
     elif request is not None and item.request is None:
         reason = f"pushed in work started by request {request.http_method} {request.route}"
     elif request is not None:

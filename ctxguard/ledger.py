@@ -67,6 +67,13 @@ _METHODS = frozenset(
 )
 
 
+def http_method(method: Any) -> str | None:
+    """A request method as telemetry may carry it: a known method, else ``_OTHER``."""
+    if not isinstance(method, str):
+        return None
+    return method if method in _METHODS else "_OTHER"
+
+
 class RequestInfo:
     """The request a context was pushed in: only what may appear in telemetry.
 
@@ -89,10 +96,7 @@ class RequestInfo:
 
     @property
     def http_method(self) -> str | None:
-        method = self.method
-        if not isinstance(method, str):
-            return None
-        return method if method in _METHODS else "_OTHER"
+        return http_method(self.method)
 
     @property
     def route(self) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -576,6 +577,35 @@ def current_span_context() -> Any:
     except Exception as exc:
         fault("span context", exc)
         return None
+
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def traceparent(span_context: Any) -> str | None:
+    """A span context as W3C ``traceparent`` text, to carry it in a task's message."""
+    if span_context is None or not span_context.is_valid:
+        return None
+    return (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+        f"-{int(span_context.trace_flags):02x}"
+    )
+
+
+def span_context_from(text: Any) -> Any:
+    """The (remote) span context in ``traceparent`` text, for a link; None if malformed."""
+    if not isinstance(text, str):
+        return None
+    match = _TRACEPARENT.fullmatch(text)
+    if match is None:
+        return None
+    context = trace.SpanContext(
+        trace_id=int(match.group(1), 16),
+        span_id=int(match.group(2), 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(match.group(3), 16)),
+    )
+    return context if context.is_valid else None
 
 
 def span(

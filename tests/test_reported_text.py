@@ -415,7 +415,9 @@ def test_leak_line_of_an_ambient_context_pushed_before_ctxguard(telemetry, caplo
         ctx.pop()
     (line,) = leak_lines(caplog_ctxguard)
     assert line["site"] == "request_start"
-    assert line["why"] == "pushed outside any request and shared by every request on this thread"
+    assert line["why"] == (
+        "pushed outside any request or task and shared by all later work on this thread"
+    )
     assert line["where"] == "a place Flask chose (no user code on the stack)"
 
 

@@ -42,14 +42,12 @@ tasks of a thread or gevent pool never mix.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import signals
-from opentelemetry.trace import SpanContext, TraceFlags
 
 from .. import leaks, ledger, process, settings, telemetry, threads
 from ..extension import CtxGuard
@@ -60,12 +58,8 @@ __all__ = ["HEADER", "disable", "enable"]
 #: The message header that carries the origin of a task enqueued in a request.
 HEADER = "ctxguard_origin"
 
-_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-)
 #: Longest route template or endpoint name taken from a message header.
 _LONGEST = 512
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 _lock = threading.Lock()
 _enabled = False
@@ -202,11 +196,9 @@ def encode(origin: threads.Origin) -> dict[str, str]:
         value["method"] = origin.http_method
     if isinstance(origin.endpoint, str):
         value["endpoint"] = origin.endpoint
-    context = origin.span_context
-    if context is not None and context.is_valid:
-        value["traceparent"] = (
-            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-        )
+    parent = telemetry.traceparent(origin.span_context)
+    if parent is not None:
+        value["traceparent"] = parent
     return value
 
 
@@ -214,34 +206,16 @@ def decode(value: Any) -> threads.Origin | None:
     """The origin carried by a header's value; anything malformed is left out."""
     if not isinstance(value, Mapping) or not value:
         return None
-    method = value.get("method")
-    if isinstance(method, str) and method not in _METHODS:
-        method = "_OTHER"  # as ctxguard names a method it does not know
     return threads.Origin.of(
         _name(value.get("route")),
-        method if isinstance(method, str) else None,
+        ledger.http_method(value.get("method")),
         _name(value.get("endpoint")),
-        _span_context(value.get("traceparent")),
+        telemetry.span_context_from(value.get("traceparent")),
     )
 
 
 def _name(value: Any) -> str | None:
     return value if isinstance(value, str) and len(value) <= _LONGEST else None
-
-
-def _span_context(traceparent: Any) -> SpanContext | None:
-    if not isinstance(traceparent, str):
-        return None
-    match = _TRACEPARENT.fullmatch(traceparent)
-    if match is None:
-        return None
-    context = SpanContext(
-        trace_id=int(match.group(1), 16),
-        span_id=int(match.group(2), 16),
-        is_remote=True,
-        trace_flags=TraceFlags(int(match.group(3), 16)),
-    )
-    return context if context.is_valid else None
 
 
 def _origin_of(request: Any) -> threads.Origin | None:
