@@ -29,7 +29,6 @@ shown as one :class:`CtxGuardPluginWarning` at the end of the session.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import sys
@@ -229,44 +228,77 @@ def ctxguard_events(request: pytest.FixtureRequest) -> Iterator[list[Event]]:
 # Enabled.
 
 
-@dataclasses.dataclass
 class Finding:
-    """One thing to report: a line of text (a second with the hint, when there is one)."""
+    """One thing to report: a line of text (a second with the hint, when there is one).
 
-    category: type[CtxGuardWarning]
-    text: str
-    filename: str | None = None
-    lineno: int | None = None
-    #: A warning even in fail mode (what an app would do in production, not what it did).
-    always_warn: bool = False
+    ``always_warn``: a warning even in fail mode (what an app would do in production,
+    not what it did).
+    """
+
+    __slots__ = ("always_warn", "category", "filename", "lineno", "text")
+
+    def __init__(
+        self,
+        category: type[CtxGuardWarning],
+        text: str,
+        filename: str | None = None,
+        lineno: int | None = None,
+        *,
+        always_warn: bool = False,
+    ) -> None:
+        self.category = category
+        self.text = text
+        self.filename = filename
+        self.lineno = lineno
+        self.always_warn = always_warn
 
 
-@dataclasses.dataclass
 class _Test:
     """What the plugin knows about the test running now."""
 
-    item: pytest.Item
-    mode: str
-    ident: int
-    start: float
-    worker: Any = None  # ledger.Worker of the test's thread, None when not judged
-    mark: dict[int, float] = dataclasses.field(default_factory=dict)
-    events: list[tuple[Event, float, str | None]] = dataclasses.field(default_factory=list)
-    seen: int = 0
-    passed: bool = True
-    reached: set[tuple[str, int]] = dataclasses.field(default_factory=set)
-    pending: list[Finding] = dataclasses.field(default_factory=list)
-    #: Flask apps made during the test (weakly), with where they were made.
-    apps: list[tuple[weakref.ref[Any], Any]] = dataclasses.field(default_factory=list)
+    __slots__ = (
+        "apps",
+        "events",
+        "ident",
+        "item",
+        "mark",
+        "mode",
+        "passed",
+        "pending",
+        "reached",
+        "seen",
+        "start",
+        "worker",
+    )
+
+    def __init__(self, item: pytest.Item, mode: str, ident: int, start: float) -> None:
+        self.item = item
+        self.mode = mode
+        self.ident = ident
+        self.start = start
+        #: ledger.Worker of the test's thread, None when not judged.
+        self.worker: Any = None
+        self.mark: dict[int, float] = {}
+        #: (event, when it came, the broader fixture being set up then)
+        self.events: list[tuple[Event, float, str | None]] = []
+        self.seen = 0
+        self.passed = True
+        #: (file, line) of every frame the test's own failure went through.
+        self.reached: set[tuple[str, int]] = set()
+        self.pending: list[Finding] = []
+        #: Flask apps made during the test (weakly), with where they were made.
+        self.apps: list[tuple[weakref.ref[Any], Any]] = []
 
 
-@dataclasses.dataclass
 class _Owned:
     """Contexts pushed while one fixture of broader scope was set up."""
 
-    name: str
-    scope: str
-    records: dict[int, float]
+    __slots__ = ("name", "records", "scope")
+
+    def __init__(self, name: str, scope: str, records: dict[int, float]) -> None:
+        self.name = name
+        self.scope = scope
+        self.records = records
 
 
 class Guard:
