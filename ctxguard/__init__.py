@@ -13,18 +13,16 @@ kept alive past its request, no debugger).
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import telemetry as _telemetry
-from . import threads as _threads
-from .extension import CtxGuard
-from .ledger import snapshot as _snapshot
-from .middleware import CtxGuardMiddleware
-from .policy import PolicyError
-from .process import install, uninstall
-from .settings import ConfigError
-from .telemetry import VERSION as __version__
+if TYPE_CHECKING:
+    from .extension import CtxGuard
+    from .middleware import CtxGuardMiddleware
+    from .policy import PolicyError
+    from .process import install, uninstall
+    from .settings import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -36,6 +34,34 @@ __all__ = [
     "snapshot",
     "uninstall",
 ]
+
+# The public names, imported when first used (PEP 562). The pytest plugin and the
+# OpenTelemetry instrumentor live in this package, and pytest imports the plugin's
+# module in every run where ctxguard is installed: importing the package itself
+# must cost nothing (no OpenTelemetry API, no Flask) until ctxguard is used.
+_LAZY = {
+    "ConfigError": ("settings", "ConfigError"),
+    "CtxGuard": ("extension", "CtxGuard"),
+    "CtxGuardMiddleware": ("middleware", "CtxGuardMiddleware"),
+    "PolicyError": ("policy", "PolicyError"),
+    "__version__": ("telemetry", "VERSION"),
+    "install": ("process", "install"),
+    "uninstall": ("process", "uninstall"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value  # the next lookup is a plain one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def snapshot() -> dict[str, Any]:
@@ -49,5 +75,7 @@ def snapshot() -> dict[str, Any]:
     events kept back while the OpenTelemetry SDK or ctxguard itself was busy on
     some thread are emitted first, unless the caller is itself inside the SDK.
     """
-    _telemetry.drain_if_safe(sys._getframe(1))
-    return _snapshot(_threads.describe)
+    from . import ledger, telemetry, threads
+
+    telemetry.drain_if_safe(sys._getframe(1))
+    return ledger.snapshot(threads.describe)

@@ -153,12 +153,6 @@ def test_inert_imports_nothing_and_installs_nothing(pytester):
     run(pytester).assert_outcomes(passed=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ctxguard/__init__.py imports every submodule and the OpenTelemetry API eagerly, so"
-    " importing the plugin module (which pytest does in every run) imports all of ctxguard;"
-    " a lazy package __init__ (PEP 562 __getattr__) would make this pass",
-)
 def test_importing_the_plugin_module_imports_only_the_plugin():
     """What pytest imports at start when the package is installed: the plugin module and its
     two parent packages, nothing else of ctxguard and no OpenTelemetry."""
