@@ -11,19 +11,16 @@ returns. Making an app is rare: the wrapper costs nothing on the hot path.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Iterator
 from types import FunctionType
 from typing import Any
 
 from . import telemetry
+from .listeners import Listeners
 
 Listener = Callable[[Any], None]
 
-#: Replaced, never changed in place, so an ``__init__`` running on another
-#: thread iterates a tuple nobody changes under it.
-_listeners: tuple[Listener, ...] = ()
-_lock = threading.Lock()
+_listeners: Listeners[Listener] = Listeners()
 
 
 def subscribe(listener: Listener) -> Callable[[], None]:
@@ -32,19 +29,7 @@ def subscribe(listener: Listener) -> Callable[[], None]:
 
     What the listener raises is logged and swallowed: the app is made anyway.
     """
-    global _listeners
-    with _lock:
-        _listeners = (*_listeners, listener)
-
-    def unsubscribe() -> None:
-        global _listeners
-        with _lock:
-            remaining = list(_listeners)
-            if listener in remaining:
-                remaining.remove(listener)
-            _listeners = tuple(remaining)
-
-    return unsubscribe
+    return _listeners.add(listener)
 
 
 def _made(app: Any) -> None:

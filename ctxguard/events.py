@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import telemetry
+from .listeners import Listeners
 
 __all__ = ["Event", "subscribe"]
 
@@ -49,10 +50,7 @@ class Event:
 
 Listener = Callable[[Event], None]
 
-#: The listeners, replaced (never changed in place) so a report running on
-#: another thread iterates a list nobody changes under it.
-_listeners: tuple[Listener, ...] = ()
-_lock = threading.Lock()
+_listeners: Listeners[Listener] = Listeners()
 
 
 def subscribe(listener: Listener) -> Callable[[], None]:
@@ -62,19 +60,7 @@ def subscribe(listener: Listener) -> Callable[[], None]:
     finaliser or while the OpenTelemetry SDK is busy on that thread: keep it
     to appending to a list. What it raises is logged and swallowed.
     """
-    global _listeners
-    with _lock:
-        _listeners = (*_listeners, listener)
-
-    def unsubscribe() -> None:
-        global _listeners
-        with _lock:
-            remaining = list(_listeners)
-            if listener in remaining:
-                remaining.remove(listener)
-            _listeners = tuple(remaining)
-
-    return unsubscribe
+    return _listeners.add(listener)
 
 
 def listening() -> bool:
@@ -89,8 +75,7 @@ def emit(
 ) -> None:
     """Hand one event to every listener; ``attributes`` and ``message`` may be
     functions, called only when someone listens. Never raises."""
-    listeners = _listeners
-    if not listeners:
+    if not _listeners:
         return
     try:
         attrs = attributes() if callable(attributes) else attributes
@@ -104,7 +89,7 @@ def emit(
     except Exception as exc:
         telemetry.fault("event", exc)
         return
-    for listener in listeners:
+    for listener in _listeners:
         try:
             listener(event)
         except Exception as exc:

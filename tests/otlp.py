@@ -195,9 +195,17 @@ def gunicorn(
     log_path: Path,
     extra_env: dict[str, str] | None = None,
     app_spec: str = "export_app:app",
+    *,
+    app_dir: Path = HERE,
+    config: str | None = "python:ctxguard.integrations.gunicorn",
+    workers: int = 2,
+    wrapper: tuple[str, ...] = (),
 ) -> Iterator[int]:
-    """gunicorn serving the export app with two workers; yields its port."""
-    executable = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    """gunicorn serving ``app_spec`` from ``app_dir`` (the export app, with the docs'
+    configuration and two workers, by default), run by the ``wrapper`` command if one
+    is given (``opentelemetry-instrument``); yields its port."""
+    bin_dir = os.path.dirname(sys.executable)
+    executable = shutil.which("gunicorn", path=bin_dir)
     if executable is None:
         pytest.fail("gunicorn is a test dependency: pip install -e '.[test]'")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -207,34 +215,25 @@ def gunicorn(
     env = dict(os.environ)
     env.update(
         {
+            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
             "OTEL_SERVICE_NAME": "web",
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
-            "PYTHONPATH": os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join([str(app_dir), env.get("PYTHONPATH", "")]),
             **(extra_env or {}),
         }
     )
-    command = [
-        executable,
-        "--config",
-        "python:ctxguard.integrations.gunicorn",
-        "--workers",
-        "2",
-        *args,
-        "--bind",
-        f"fd://{listener.fileno()}",
-        "--graceful-timeout",
-        "10",
-        "--log-level",
-        "warning",
-        app_spec,
-    ]
+    command = [*wrapper, executable]
+    if config is not None:
+        command += ["--config", config]
+    command += ["--workers", str(workers), *args, "--bind", f"fd://{listener.fileno()}"]
+    command += ["--graceful-timeout", "10", "--log-level", "warning", app_spec]
     with open(log_path, "wb") as log:
         try:
             process = subprocess.Popen(
                 command,
-                cwd=HERE,
+                cwd=app_dir,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +26,7 @@ pytest.importorskip("opentelemetry.proto")
 pytest.importorskip("opentelemetry.instrumentation")
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from otlp import attributes_of, get, otlp_receiver, stop, wait_for
+from otlp import attributes_of, get, gunicorn, otlp_receiver, wait_for
 
 import ctxguard
 from ctxguard.integrations.opentelemetry import CtxGuardInstrumentor
@@ -66,51 +64,33 @@ def instrumented_gunicorn(
     endpoint: str, root: Path, log_path: Path, extra_env: dict[str, str] | None = None
 ) -> Iterator[int]:
     """``opentelemetry-instrument gunicorn plain_app:app``, one sync worker; yields the port."""
-    bin_dir = os.path.dirname(sys.executable)
-    command = shutil.which("opentelemetry-instrument", path=bin_dir)
+    command = shutil.which("opentelemetry-instrument", path=os.path.dirname(sys.executable))
     if command is None:
         pytest.fail("opentelemetry-instrument comes with the test extra: pip install -e '.[test]'")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    port = listener.getsockname()[1]
-    env = dict(os.environ)
-    env.update(
-        {
-            "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE), str(_configurator_dir(root)), env.get("PYTHONPATH", "")]
-            ),
-            "OTEL_PYTHON_CONFIGURATOR": CONFIGURATOR,
-            "OTEL_SERVICE_NAME": "web",
-            "OTEL_TRACES_EXPORTER": "otlp",
-            "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_LOGS_EXPORTER": "none",
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-            "OTEL_METRIC_EXPORT_INTERVAL": "300",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            **(extra_env or {}),
-        }
-    )
-    args = [command, "gunicorn", "--workers", "1", "--bind", f"fd://{listener.fileno()}"]
-    args += ["--graceful-timeout", "10", "--log-level", "warning", "plain_app:app"]
-    with open(log_path, "wb") as log:
-        try:
-            process = subprocess.Popen(
-                args,
-                cwd=HERE,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(listener.fileno(),),
-            )
-        finally:
-            listener.close()
-        try:
-            yield port
-        finally:
-            stop(process, 30)
+    env = {
+        # The configurator on the path; the SDK exports over OTLP/HTTP to the receiver.
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE), str(_configurator_dir(root)), os.environ.get("PYTHONPATH", "")]
+        ),
+        "OTEL_PYTHON_CONFIGURATOR": CONFIGURATOR,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        **(extra_env or {}),
+    }
+    with gunicorn(
+        endpoint,
+        [],
+        log_path,
+        env,
+        "plain_app:app",
+        app_dir=HERE,
+        config=None,  # no ctxguard anywhere: opentelemetry-instrument brings it
+        workers=1,
+        wrapper=(command,),
+    ) as port:
+        yield port
 
 
 def test_opentelemetry_instrument_guards_an_app_with_no_ctxguard_code(tmp_path):
