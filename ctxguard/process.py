@@ -63,6 +63,9 @@ def install(
         telemetry.configure(tracer_provider, meter_provider, ledger.observations)
         frames.configure(include, exclude)
         if _patches:
+            # Celery may have been imported since the hooks went in (under
+            # ``opentelemetry-instrument`` they go in before anything is imported).
+            _integrations(enable=True)
             return True
         ledger.reset()
         frames.refresh()

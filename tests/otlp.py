@@ -280,3 +280,38 @@ def wait_for(condition: Any, what: str, log_path: Path, timeout: float = 30) -> 
         if time.monotonic() > deadline:
             pytest.fail(f"not received within {timeout} s: {what}\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
+
+
+# What opentelemetry-distro is (a subclass of the SDK's configurator, registered as
+# an entry point), written into a directory put on PYTHONPATH: the distro is not on
+# every package index, and with no configurator `opentelemetry-instrument` sets up
+# no SDK at all.
+CONFIGURATOR = "ctxguard_test_configurator"
+_CONFIGURATOR_MODULE = """\
+from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+
+
+class Configurator(_OTelSDKConfigurator):
+    pass
+"""
+
+
+def instrument_environment(root: Path, app_dir: Path) -> dict[str, str]:
+    """The variables for `opentelemetry-instrument` to set up the SDK exporting over
+    OTLP/HTTP (to OTEL_EXPORTER_OTLP_ENDPOINT), the configurator written under ``root``."""
+    site = root / "configurator"
+    info = site / f"{CONFIGURATOR}-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (site / f"{CONFIGURATOR}.py").write_text(_CONFIGURATOR_MODULE)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {CONFIGURATOR}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        f"[opentelemetry_configurator]\n{CONFIGURATOR} = {CONFIGURATOR}:Configurator\n"
+    )
+    return {
+        "PYTHONPATH": os.pathsep.join([str(app_dir), str(site), os.environ.get("PYTHONPATH", "")]),
+        "OTEL_PYTHON_CONFIGURATOR": CONFIGURATOR,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }

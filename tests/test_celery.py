@@ -40,7 +40,7 @@ from celery.app.trace import trace_task
 from celery.result import AsyncResult
 from celery.utils import uuid
 from flask import Flask
-from otlp import attributes_of, otlp_receiver, stop, wait_for
+from otlp import attributes_of, instrument_environment, otlp_receiver, stop, wait_for
 
 import ctxguard
 from ctxguard import events
@@ -125,9 +125,15 @@ def broker(redis_url: str) -> str:
 
 @contextmanager
 def worker(
-    broker: str, pool: str, endpoint: str, log_path: Path, **env: str
+    broker: str,
+    pool: str,
+    endpoint: str,
+    log_path: Path,
+    wrapper: tuple[str, ...] = (),
+    **env: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``celery worker`` for tests/celery_app with this pool, exporting to ``endpoint``."""
+    """``celery worker`` for tests/celery_app with this pool, exporting to ``endpoint``,
+    run by the ``wrapper`` command if one is given (``opentelemetry-instrument``)."""
     executable = shutil.which("celery", path=os.path.dirname(sys.executable))
     if executable is None:
         pytest.fail("celery is a test dependency: pip install -e '.[test]'")
@@ -145,7 +151,7 @@ def worker(
             **env,
         }
     )
-    command = [executable, "-A", "celery_app.make_celery", "worker", "-P", pool]
+    command = [*wrapper, executable, "-A", "celery_app.make_celery", "worker", "-P", pool]
     command += ["-c", "2", "-n", f"{pool}@%h", "-l", "warning"]
     command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
     with open(log_path, "wb") as log:
@@ -348,6 +354,45 @@ def test_an_app_context_pushed_when_the_worker_imports_the_app_is_reported_once_
     assert ambient["code.file.path"].endswith("make_celery.py")
     assert ambient["code.function.name"] == "<module>"
     assert "http.route" not in ambient
+
+
+def test_opentelemetry_instrument_guards_a_worker_with_no_ctxguard_code(
+    broker: str, web: Flask, tmp_path: Path
+) -> None:
+    """`opentelemetry-instrument celery -A ... worker` with no line of ctxguard in the
+    worker's code: the Flask app the worker makes is guarded, which switches the Celery
+    integration on, and a task's error arrives with worker kind celery, its name and the
+    route of the request that enqueued it, through the SDK opentelemetry-instrument set
+    up."""
+    command = shutil.which("opentelemetry-instrument", path=os.path.dirname(sys.executable))
+    assert command is not None, "opentelemetry-instrument comes with the test extra"
+    client = web.test_client()
+    log_path = tmp_path / "worker.log"
+    with (
+        otlp_receiver() as (endpoint, received),
+        worker(
+            broker,
+            "solo",
+            endpoint,
+            log_path,
+            (command,),
+            CELERY_APP_ZERO_CODE="1",
+            **instrument_environment(tmp_path, TESTS),
+        ),
+    ):
+        task_id = client.post("/reports/5/read").get_data(as_text=True)
+        assert type(failure(task_id)) is RuntimeError
+        assert result(tasks.uses_app.delay(1).id) == ["celery_app", 1]
+        wait_for(lambda: received.named(ERROR_SPAN), "the task's error span", log_path)
+        wait_for(lambda: received.total(ERRORS) == 1, "the error counter", log_path)
+    assert "Traceback" not in log_path.read_text().split("RuntimeError")[0]
+    resource, span = received.named(ERROR_SPAN)[0]
+    assert resource.get("service.name") == "worker"
+    attributes = attributes_of(span.attributes)
+    assert attributes["ctxguard.worker.kind"] == "celery"
+    assert attributes["celery.task_name"] == task_name("read_request")
+    assert attributes["http.route"] == "/reports/<int:report_id>/read"
+    assert received.total(ERRORS, **{"ctxguard.worker.kind": "celery"}) == 1
 
 
 # --------------------------------------------------------------------------

@@ -26,37 +26,19 @@ pytest.importorskip("opentelemetry.proto")
 pytest.importorskip("opentelemetry.instrumentation")
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from otlp import attributes_of, get, gunicorn, otlp_receiver, wait_for
+from otlp import (
+    attributes_of,
+    get,
+    gunicorn,
+    instrument_environment,
+    otlp_receiver,
+    wait_for,
+)
 
 import ctxguard
 from ctxguard.integrations.opentelemetry import CtxGuardInstrumentor
 
 HERE = Path(__file__).parent / "instrument"
-
-# What opentelemetry-distro is (a subclass of the SDK's configurator, registered as
-# an entry point), written into a directory put on PYTHONPATH: the distro is not on
-# every package index, and with no configurator `opentelemetry-instrument` sets up
-# no SDK at all.
-CONFIGURATOR = "ctxguard_test_configurator"
-_CONFIGURATOR_MODULE = """\
-from opentelemetry.sdk._configuration import _OTelSDKConfigurator
-
-
-class Configurator(_OTelSDKConfigurator):
-    pass
-"""
-
-
-def _configurator_dir(root: Path) -> Path:
-    site = root / "site"
-    info = site / f"{CONFIGURATOR}-0.dist-info"
-    info.mkdir(parents=True)
-    (site / f"{CONFIGURATOR}.py").write_text(_CONFIGURATOR_MODULE)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {CONFIGURATOR}\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(
-        f"[opentelemetry_configurator]\n{CONFIGURATOR} = {CONFIGURATOR}:Configurator\n"
-    )
-    return site
 
 
 @contextmanager
@@ -69,14 +51,7 @@ def instrumented_gunicorn(
         pytest.fail("opentelemetry-instrument comes with the test extra: pip install -e '.[test]'")
     env = {
         # The configurator on the path; the SDK exports over OTLP/HTTP to the receiver.
-        "PYTHONPATH": os.pathsep.join(
-            [str(HERE), str(_configurator_dir(root)), os.environ.get("PYTHONPATH", "")]
-        ),
-        "OTEL_PYTHON_CONFIGURATOR": CONFIGURATOR,
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_METRICS_EXPORTER": "otlp",
-        "OTEL_LOGS_EXPORTER": "none",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        **instrument_environment(root, HERE),
         **(extra_env or {}),
     }
     with gunicorn(

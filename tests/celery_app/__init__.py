@@ -8,6 +8,8 @@ process.
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery, Task
 from flask import Flask, g
 
@@ -44,8 +46,10 @@ def create_app(broker_url: str, result_backend: str | None = None) -> Flask:
         },
     )
     celery_init_app(app)
-    # Celery is imported already, so this also switches ctxguard's Celery integration on.
-    ctxguard.CtxGuard(app)
+    if not os.environ.get("CELERY_APP_ZERO_CODE"):
+        # Celery is imported already, so this also switches ctxguard's Celery integration on.
+        # (Under opentelemetry-instrument, CELERY_APP_ZERO_CODE=1: no ctxguard line at all.)
+        ctxguard.CtxGuard(app)
 
     @app.teardown_appcontext
     def record_teardown(exc: BaseException | None) -> None:

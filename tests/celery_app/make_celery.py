@@ -36,6 +36,8 @@ _sdk_pid = 0
 
 def _set_up_sdk(**kwargs: Any) -> None:
     global _sdk_pid
+    if os.environ.get("CELERY_APP_ZERO_CODE"):
+        return  # opentelemetry-instrument set the SDK up
     if _sdk_pid != os.getpid() and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         _sdk_pid = os.getpid()
         post_worker_init(None)
