@@ -192,14 +192,22 @@ _Binding = tuple[str, "Origin | None", "Mapping[str, Any] | None"]
 _State = tuple[int, "_Binding | None", Any, "Origin | None", ledger.Mark]
 
 
+_NOTHING_OPEN: ledger.Mark = {}
+
+
 def _enter(
-    kind: str, origin: Origin | None, app: Any, attributes: Mapping[str, Any] | None = None
+    kind: str,
+    origin: Origin | None,
+    app: Any,
+    attributes: Mapping[str, Any] | None = None,
+    baseline: bool = False,
 ) -> _State | None:
+    """Bind the work to this thread. ``baseline``: contexts open now (a worker
+    process's own) are not the work's. A new thread, or a pool's, has none."""
     try:
         ident = _get_ident()
         previous = _bindings.get(ident)
-        # Contexts open before the work began (a worker process's own) are not its own.
-        before = ledger.mark(ledger.existing())
+        before = ledger.mark(ledger.existing()) if baseline else _NOTHING_OPEN
         _bindings[ident] = (kind, origin, attributes)
     except Exception as exc:
         telemetry.fault("thread start", exc)
@@ -286,7 +294,7 @@ def begin(
     kind: str, origin: Origin | None = None, attributes: Mapping[str, Any] | None = None
 ) -> Unit:
     """Start a unit of work on this thread; see :class:`Unit`."""
-    return Unit(_enter(kind, origin, None, attributes) if _active else None)
+    return Unit(_enter(kind, origin, None, attributes, baseline=True) if _active else None)
 
 
 # --------------------------------------------------------------------------
