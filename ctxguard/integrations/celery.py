@@ -8,10 +8,11 @@ a Flask proxy used outside its context there is reported with worker kind
 context the task pushed and left open is a leak at ``task_end``; and when the
 next task starts on the same pool thread or process, such a context (stale
 now) is reported if it was not yet, and popped when healing is on, so its
-teardown functions run. A context pushed outside any task (an
-``app.app_context().push()`` when the worker imports the app) is not a task's:
-as for requests, it is reported once per push site as ambient and never
-popped, since the tasks rely on it.
+teardown functions run. (The gevent pool runs each task in a greenlet of its
+own, which no later task shares: there it is popped when the task ends.) A
+context pushed outside any task (an ``app.app_context().push()`` when the
+worker imports the app) is not a task's: as for requests, it is reported once
+per push site as ambient and never popped, since the tasks rely on it.
 
 A task enqueued while a Flask request is handled carries that request's
 origin in one message header, ``ctxguard_origin``: its route template, method,
@@ -288,6 +289,10 @@ def _on_postrun(sender: Any = None, task_id: Any = None, **kwargs: Any) -> None:
             w = ledger.existing()
             if w is not None and w.open and ledger.known(w):
                 _check_end(w, run)
+                if w in _left and threads.kind_of(w) == telemetry.WORKER_GREENLET:
+                    # The gevent pool runs each task in a greenlet of its own: no
+                    # later task will find what this one left, which is stale now.
+                    _check_start(w)
     except Exception as exc:
         telemetry.fault("celery task end", exc)
 
