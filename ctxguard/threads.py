@@ -226,11 +226,10 @@ def _enter(
     return ident, previous, ctx, origin, before
 
 
-def _exit(state: _State | None, site: str) -> list[ledger.OpenContext]:
-    """Report what the work left open; returns the contexts reported."""
-    reported: list[ledger.OpenContext] = []
+def _exit(state: _State | None, site: str) -> None:
+    """Report what the work left open."""
     if state is None:
-        return reported
+        return
     ident, previous, ctx, origin, before = state
     try:
         if ctx is not None and ledger.current(telemetry.KIND_APP) is ctx:
@@ -257,10 +256,8 @@ def _exit(state: _State | None, site: str) -> list[ledger.OpenContext]:
                 # ended there.
                 if item.reported or item.request is not None or item.nested:
                     continue
-                if (ctx is None or item.context() is not ctx) and leaks.report(
-                    item, w, site, origin=origin, attributes=extra
-                ):
-                    reported.append(item)
+                if ctx is None or item.context() is not ctx:
+                    leaks.report(item, w, site, origin=origin, attributes=extra)
     except Exception as exc:
         telemetry.fault("thread end check", exc)
     finally:
@@ -268,7 +265,6 @@ def _exit(state: _State | None, site: str) -> list[ledger.OpenContext]:
             _bindings.pop(ident, None)
         else:
             _bindings[ident] = previous
-    return reported
 
 
 class Unit:
@@ -276,18 +272,21 @@ class Unit:
 
     ``begin`` binds its worker kind, origin and report attributes to this
     thread (or greenlet); ``end`` reports, as leaked at ``site``, every
-    context pushed since ``begin`` and still open, and returns them. Contexts
-    open before ``begin`` (a worker's own) are not the unit's. Never raises.
+    context pushed since ``begin`` and still open. Contexts open before
+    ``begin`` (a worker's own, listed in ``before``) are not the unit's.
+    Never raises.
     """
 
-    __slots__ = ("_state",)
+    __slots__ = ("_state", "before")
 
     def __init__(self, state: _State | None) -> None:
         self._state = state
+        #: What was open on this worker when the unit began (``ledger.mark``).
+        self.before: ledger.Mark = state[4] if state is not None else {}
 
-    def end(self, site: str = telemetry.SITE_TASK_END) -> list[ledger.OpenContext]:
+    def end(self, site: str = telemetry.SITE_TASK_END) -> None:
         state, self._state = self._state, None
-        return _exit(state, site)
+        _exit(state, site)
 
 
 def begin(

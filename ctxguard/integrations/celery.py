@@ -69,7 +69,7 @@ _enabled = False
 class _Run:
     """One task execution, from ``task_prerun`` to ``task_postrun``."""
 
-    __slots__ = ("attributes", "before", "eager", "origin", "task_id", "unit")
+    __slots__ = ("attributes", "eager", "origin", "task_id", "unit")
 
     def __init__(
         self,
@@ -77,14 +77,12 @@ class _Run:
         unit: threads.Unit,
         origin: threads.Origin | None,
         attributes: Mapping[str, Any] | None,
-        before: ledger.Mark,
         eager: bool,
     ) -> None:
         self.task_id = task_id
         self.unit = unit
         self.origin = origin
         self.attributes = attributes
-        self.before = before
         self.eager = eager
 
 
@@ -260,9 +258,8 @@ def _on_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **kwar
                 _check_start(w)
         name = getattr(task, "name", None)
         attributes = {telemetry.CELERY_TASK_NAME: name} if isinstance(name, str) else None
-        before = ledger.mark(ledger.existing())
         unit = threads.begin(telemetry.WORKER_CELERY, origin, attributes)
-        stack.append(_Run(task_id, unit, origin, attributes, before, eager))
+        stack.append(_Run(task_id, unit, origin, attributes, eager))
     except Exception as exc:
         telemetry.fault("celery task start", exc)
 
@@ -316,7 +313,7 @@ def _check_end(w: Worker, run: _Run) -> None:
     """After the task (and every ``task_postrun`` receiver): what it left open
     becomes stale for the next task; a context open across the whole task that
     no task pushed is ambient."""
-    since = ledger.opened_since(w, run.before)
+    since = ledger.opened_since(w, run.unit.before)
     pushed = {id(item.handle) for item in since}
     left = {id(item.handle) for item in since if item.request is None and not item.nested}
     if left:
